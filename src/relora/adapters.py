@@ -1,0 +1,200 @@
+"""Adapters: wrap linear layers with peft LoRA layers, merge them, re-init them.
+
+We build on peft's ``LoraLayer`` (base_layer, lora_A, lora_B, scaling) so that
+quantized base layers and the peft ecosystem work, and add ReLoRA's rules
+(RELORA_SPEC.md sections 2-3): A Kaiming-uniform and B zero at wrap and at
+every re-init, frozen base weights, everything else trainable at full rank,
+merges computed in float32 in place. peft's own ``merge`` adds the delta in the
+base weight's dtype and ``reset_lora_parameters`` draws from the global RNG;
+neither is deterministic across data-parallel ranks, hence the code below.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from relora.config import ReLoRAConfig
+
+ADAPTER = "default"
+
+
+def _linear_types() -> tuple[type, ...]:
+    try:  # GPT-2 style models use transformers' Conv1D (a linear with transposed weight)
+        from transformers.pytorch_utils import Conv1D
+
+        return (nn.Linear, Conv1D)
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    """peft's rule (exact name or dotted suffix), plus a full-name regex."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def find_targets(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
+    """Names of the linear layers to wrap.
+
+    ``patterns=None`` selects every linear layer except the output head: for
+    LLaMA that is q/k/v/o_proj and gate/up/down_proj (spec section 2). A pattern
+    matches a module's full name, a dotted suffix of it (``"q_proj"``), or is a
+    regular expression matched against the full name.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    linear = _linear_types()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, linear)
+        and module is not head
+        and (patterns is None or any(_name_matches(name, p) for p in patterns))
+    ]
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    """Every wrapped layer, in module order (the order all ranks agree on)."""
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The A and B matrices of every adapter: the parameters ReLoRA resets."""
+    params = []
+    for layer in lora_layers(model):
+        params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+    return params
+
+
+def base_weight(layer: LoraLayer) -> torch.Tensor:
+    """The frozen weight W of a wrapped layer."""
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        raise NotImplementedError(
+            f"merging into a {type(base).__name__} base layer is not supported yet (only float weights)"
+        )
+    return weight
+
+
+def delta_weight(layer: LoraLayer) -> torch.Tensor:
+    """s * B @ A in float32, laid out like the base weight: the one place it is computed."""
+    a = layer.lora_A[ADAPTER].weight.float()
+    b = layer.lora_B[ADAPTER].weight.float()
+    delta = (b @ a) * layer.scaling[ADAPTER]
+    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+
+
+@torch.no_grad()
+def merge_layer(layer: LoraLayer) -> None:
+    """W <- W + s B A, summed in float32 and rounded once to W's dtype, in place.
+
+    In place on the same tensor object, so the optimizer and any DDP/FSDP
+    references stay valid.
+    """
+    weight = base_weight(layer)
+    merged = weight.float() + delta_weight(layer).to(weight.device)
+    weight.copy_(merged)
+
+
+@torch.no_grad()
+def reinit_adapters(model: nn.Module, seed: int) -> None:
+    """A <- Kaiming-uniform(a=sqrt(5)), B <- 0 for every adapter.
+
+    Values are drawn in float32 on the CPU from one generator seeded with
+    ``seed``, so every rank and every device type draws the same numbers.
+    Never both zero: with A = B = 0 neither gets a gradient (the reference
+    code's defect, spec section 2).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model):
+        a = layer.lora_A[ADAPTER].weight
+        values = torch.empty(a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        a.copy_(values)
+        layer.lora_B[ADAPTER].weight.zero_()
+
+
+def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
+    """Add a LoRA adapter to every target linear layer, in place; return the model.
+
+    Base weights of wrapped layers are frozen (no weight gradient is computed:
+    ReLoRA's compute saving). Every other parameter keeps the trainability it
+    had: embeddings, norms, head and biases train at full rank.
+    """
+    targets = find_targets(model, config.target_modules)
+    if not targets:
+        raise ValueError(
+            f"target_modules: no linear layer of {type(model).__name__} matched {config.target_modules!r}"
+        )
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise ValueError("model is already wrapped with LoRA adapters; call relora.unwrap(model) first")
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    lora_config = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        bias="none",
+        init_lora_weights=True,
+    )
+    inject_adapter_in_model(lora_config, model, adapter_name=ADAPTER)
+    # peft froze everything but the adapters; restore the rest.
+    for name, param in model.named_parameters():
+        original = name.replace(".base_layer.", ".")
+        if ".lora_A." in name or ".lora_B." in name:
+            param.requires_grad_(True)
+        else:
+            param.requires_grad_(trainable.get(original, True))
+    for layer in lora_layers(model):
+        base_weight(layer).requires_grad_(False)
+    reinit_adapters(model, config.seed)
+    return model
+
+
+@torch.no_grad()
+def merge_and_reinit(model: nn.Module, seed: int) -> int:
+    """Merge every adapter into its base weight, then re-init it from ``seed``.
+
+    The model's function is unchanged (up to rounding of W's dtype). Returns
+    the number of adapters merged.
+    """
+    layers = lora_layers(model)
+    for layer in layers:
+        merge_layer(layer)
+    reinit_adapters(model, seed)
+    return len(layers)
+
+
+@torch.no_grad()
+def unwrap(model: nn.Module) -> nn.Module:
+    """Merge the current cycle and replace each wrapped layer by its base layer.
+
+    The result is a plain dense model (what ``transformers`` loads unchanged).
+    Merging first avoids the reference code's defect of silently dropping the
+    last cycle's update (spec section 3).
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        merge_layer(module)
+        base = module.get_base_layer()
+        base.weight.requires_grad_(True)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
+
+
+merged = unwrap

@@ -1,0 +1,86 @@
+"""ReLoRAConfig: the hyper-parameters of the method (RELORA_SPEC.md sections 2-5)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from relora.optim import PRUNE_METHODS
+
+
+@dataclass
+class ReLoRAConfig:
+    """What to wrap, and when to merge, prune and restart.
+
+    Defaults are the paper's runs: r=128, alpha=32 (scale 0.25), 99% magnitude
+    pruning of the adapters' Adam moments, 100-step LR re-warmup.
+    ``reset_every=None`` means no restarts at all (plain LoRA).
+    """
+
+    r: int = 128
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # Module-name patterns; None = every linear layer except the output head
+    # (for LLaMA: q/k/v/o_proj and gate/up/down_proj).
+    target_modules: list[str] | None = None
+    # 5000 steps between restarts: the authors' released pretraining scripts.
+    reset_every: int | None = 5000
+    # Merge more often than resetting = Online ReLoRA (paper, Section 3).
+    merge_every: int | None = None
+    restart_warmup_steps: int = 100
+    prune: str = "magnitude"
+    prune_ratio: float = 0.99
+    warm_start_steps: int = 0
+    # Seed for adapter initialisation and random pruning masks; identical on
+    # every data-parallel rank so that all ranks draw the same values.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.merge_every is None:
+            self.merge_every = self.reset_every
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.prune not in PRUNE_METHODS:
+            raise ValueError(f"prune must be one of {', '.join(PRUNE_METHODS)}; got {self.prune!r}")
+        if not 0.0 <= self.prune_ratio <= 1.0:
+            raise ValueError(f"prune_ratio must be in [0, 1], got {self.prune_ratio!r}")
+        if self.restart_warmup_steps < 0:
+            raise ValueError(f"restart_warmup_steps must be >= 0, got {self.restart_warmup_steps!r}")
+        if self.warm_start_steps < 0:
+            raise ValueError(f"warm_start_steps must be >= 0, got {self.warm_start_steps!r}")
+        if self.reset_every is not None:
+            if self.reset_every <= 0:
+                raise ValueError(f"reset_every must be a positive integer or None, got {self.reset_every!r}")
+            if self.reset_every < self.restart_warmup_steps:
+                raise ValueError(
+                    f"reset_every ({self.reset_every}) must be >= restart_warmup_steps "
+                    f"({self.restart_warmup_steps}): each cycle needs room for its LR re-warmup"
+                )
+        if self.merge_every is not None:
+            if self.merge_every <= 0:
+                raise ValueError(f"merge_every must be a positive integer or None, got {self.merge_every!r}")
+            if self.reset_every is not None and self.reset_every % self.merge_every:
+                raise ValueError(
+                    f"merge_every ({self.merge_every}) must divide reset_every ({self.reset_every}): "
+                    "every optimizer reset happens at a merge"
+                )
+        elif self.reset_every is not None:
+            raise ValueError("merge_every is None but reset_every is set: a reset needs a merge")
+        if self.target_modules is not None and (
+            isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules)
+        ):
+            raise ValueError(f"target_modules must be a list of strings, got {self.target_modules!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,67 @@
+"""The jagged cosine learning-rate schedule (RELORA_SPEC.md section 5)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def jagged_cosine(
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    restart_steps: Sequence[int] = (),
+    restart_warmup_steps: int = 0,
+    min_ratio: float = 0.1,
+) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based).
+
+    One cosine envelope from ``warmup_steps`` to ``total_steps`` decays to
+    ``min_ratio``; after each restart step t_k the LR re-warms linearly from
+    exactly 0 at t_k to the envelope's value at t_k + restart_warmup_steps.
+    ``restart_steps`` must be sorted. With no restarts this is the usual
+    linear-warmup cosine schedule.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps
+
+    def envelope(t: int) -> float:
+        progress = min(max(t - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    k = bisect.bisect_right(restart_steps, step) - 1
+    if k >= 0 and restart_warmup_steps > 0 and step - restart_steps[k] < restart_warmup_steps:
+        start = restart_steps[k]
+        return envelope(start + restart_warmup_steps) * (step - start) / restart_warmup_steps
+    return envelope(step)
+
+
+def jagged_cosine_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    restart_steps: Sequence[int] = (),
+    restart_warmup_steps: int = 0,
+    min_ratio: float = 0.1,
+    last_epoch: int = -1,
+) -> LambdaLR:
+    """A LambdaLR whose multiplier at scheduler step t is ``jagged_cosine(t, ...)``."""
+    restarts = sorted(restart_steps)
+
+    def multiplier(step: int) -> float:
+        return jagged_cosine(
+            step,
+            total_steps=total_steps,
+            warmup_steps=warmup_steps,
+            restart_steps=restarts,
+            restart_warmup_steps=restart_warmup_steps,
+            min_ratio=min_ratio,
+        )
+
+    return LambdaLR(optimizer, multiplier, last_epoch=last_epoch)
