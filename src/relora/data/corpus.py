@@ -1,0 +1,234 @@
+"""Finding and reading the documents of a corpus: local files, Hugging Face datasets, or the stdlib."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import platform
+import re
+import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+from relora.data.errors import DataError, one_line
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".py"})
+JSON_SUFFIXES = frozenset({".jsonl", ".json"})
+SUPPORTED = "/".join(sorted(TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"})) + " (text and json also as .gz)"
+_STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
+# `name` or `owner/name`, as on the Hugging Face Hub.
+_HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Resolved inputs: `names` describe them (for meta.json); `items` are files (Path) or dataset names (str)."""
+
+    names: list[str]
+    items: list[Path | str]
+
+
+@dataclass
+class CorpusStats:
+    """What reading skipped, so callers can report it and tell "empty" from "unreadable"."""
+
+    bad_files: int = 0
+    bad_records: int = 0
+    empty_docs: int = 0
+
+
+def file_kind(path: Path) -> tuple[str, bool] | None:
+    """(suffix, gzipped) for a supported file name, None for anything else."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    suffix = Path(name[:-3] if gz else name).suffix
+    if suffix in TEXT_SUFFIXES or suffix in JSON_SUFFIXES or (suffix == ".parquet" and not gz):
+        return suffix, gz
+    return None
+
+
+def default_corpus_files() -> list[Path]:
+    """The running interpreter's standard-library sources, minus test suites: ~12 MB of real text, no download."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in _walk(root, _STDLIB_EXCLUDED_DIRS) if p.suffix == ".py")
+
+
+def default_corpus_name() -> str:
+    return f"python-stdlib {platform.python_version()}"
+
+
+def _walk(root: Path, skip_dirs: Iterable[str] = (), exclude: Path | None = None) -> list[Path]:
+    """All files under root, skipping hidden entries (.git, .venv, ...), `skip_dirs` names, and `exclude`."""
+    skip = set(skip_dirs)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip and here / d != exclude]
+        found.extend(here / f for f in filenames if not f.startswith("."))
+    return sorted(found)
+
+
+def resolve_inputs(inputs: Sequence[str | Path] | None, *, exclude: Path | None = None) -> Sources:
+    """Expand files, directories (recursively, sorted) and dataset names; no inputs means the stdlib corpus.
+
+    `exclude` (the output directory) is never read, so preparing into a folder inside an input is safe.
+    """
+    if isinstance(inputs, (str, Path)):  # a lone path is an easy mistake for a one-element list
+        inputs = [inputs]
+    if not inputs:
+        return Sources([default_corpus_name()], [*default_corpus_files()])
+    names: list[str] = []
+    items: list[Path | str] = []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            files = _walk(path.resolve(), exclude=exclude.resolve() if exclude else None)
+            supported = [f for f in files if file_kind(f)]
+            if len(files) > len(supported):
+                logger.debug("ignoring %d files with unsupported extensions in %s", len(files) - len(supported), path)
+            names.append(str(path.resolve()))
+            items.extend(supported)
+        elif path.is_file():
+            if not file_kind(path):
+                raise DataError(f"input file {path} has an unsupported type: use one of {SUPPORTED}")
+            names.append(str(path.resolve()))
+            items.append(path.resolve())
+        elif isinstance(raw, str) and _HF_NAME.fullmatch(raw) and not file_kind(path):
+            names.append(f"hf:{raw}")
+            items.append(raw)
+        else:
+            raise DataError(f"input path {raw} does not exist: check the path or pass a Hugging Face dataset name")
+    items = list(dict.fromkeys(items))  # the same file named twice (dir and file) is one document
+    if not items:
+        raise DataError(f"no supported files found in {', '.join(map(str, inputs))}: add {SUPPORTED} files")
+    return Sources(names, items)
+
+
+def iter_documents(
+    sources: Sources, text_field: str, stats: CorpusStats, *, progress: bool = True
+) -> Iterator[bytes]:
+    """Yield every non-empty document as UTF-8 bytes, skipping (and logging) unreadable files and bad records."""
+    for item in tqdm(sources.items, desc="reading", unit="file", disable=not progress):
+        texts = _read_dataset(item, text_field, stats) if isinstance(item, str) else _read_file(item, text_field, stats)
+        for data in texts:
+            if data.strip():
+                yield data
+            else:
+                stats.empty_docs += 1
+
+
+def _open(path: Path, gz: bool) -> IO[bytes]:
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _read_file(path: Path, text_field: str, stats: CorpusStats) -> Iterator[bytes]:
+    suffix, gz = file_kind(path) or ("", False)
+    try:
+        if suffix in TEXT_SUFFIXES:
+            with _open(path, gz) as f:
+                data = f.read()
+            data.decode("utf-8")  # validate only; the bytes are what we keep
+            yield data
+            return
+        records = _parquet_records(path, text_field) if suffix == ".parquet" else _json_records(path, gz, suffix)
+        bad = 0
+        for record in records:
+            data = _record_text(record, text_field)
+            if data is None:
+                bad += 1
+            else:
+                yield data
+    except DataError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as e:
+        stats.bad_files += 1
+        logger.warning("skipping %s: cannot read it as %s (%s)", path, suffix, one_line(e))
+        return
+    if bad:
+        stats.bad_records += bad
+        logger.warning("%s: skipped %d records that are not JSON objects with a string %r field", path, bad, text_field)
+
+
+def _json_records(path: Path, gz: bool, suffix: str) -> Iterator[Any]:
+    """Records of a .jsonl file, or of a .json file holding a list, one object, or one object per line.
+
+    An unparsable line is yielded as None (a bad record) rather than failing the whole file.
+    """
+    with _open(path, gz) as f:
+        if suffix == ".json":
+            content = f.read()
+            try:
+                whole = json.loads(content)
+            except json.JSONDecodeError:
+                lines: Iterable[bytes] = content.splitlines()
+            else:
+                yield from whole if isinstance(whole, list) else [whole]
+                return
+        else:
+            lines = f
+        for line in lines:
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    yield None
+
+
+def _parquet_records(path: Path, text_field: str) -> Iterator[Any]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        yield from [None] * pf.metadata.num_rows
+        return
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            yield {text_field: value}
+
+
+def _record_text(record: Any, text_field: str) -> bytes | None:
+    """The record's text as UTF-8, or None when it has no usable string field (e.g. lone surrogates)."""
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
+def _read_dataset(name: str, text_field: str, stats: CorpusStats) -> Iterator[bytes]:
+    """Stream the train split of a Hugging Face dataset."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as e:
+        raise DataError(
+            f"could not load Hugging Face dataset {name!r} ({one_line(e)}): "
+            "check the name and network, or pass a local path"
+        ) from e
+    if ds.features is not None and text_field not in ds.features:
+        raise DataError(
+            f"dataset {name!r} has no {text_field!r} column (it has {list(ds.features)}): pass --text-field"
+        )
+    bad = 0
+    for record in ds:
+        data = _record_text(record, text_field)
+        if data is None:
+            bad += 1
+        else:
+            yield data
+    if bad:
+        stats.bad_records += bad
+        logger.warning("dataset %s: skipped %d records without a string %r field", name, bad, text_field)

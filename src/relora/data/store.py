@@ -1,0 +1,374 @@
+"""`prepare`: corpus -> tokenizer + flat token files, written atomically; `load_prepared` reads them back.
+
+A prepared directory holds `train.bin` and `val.bin` (each document's tokens followed by EOS, as uint16
+or uint32), `tokenizer/` (loadable with AutoTokenizer) and `meta.json` describing both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from relora.data.corpus import CorpusStats, Sources, iter_documents, resolve_inputs
+from relora.data.errors import DataError
+from relora.data.tokenizer import batch_encoder, load_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+SPLITS = ("train", "val")
+TOKENIZER_DIR = "tokenizer"
+# BPE training on more text than this barely changes the merges but costs minutes and GBs of RAM.
+TOKENIZER_TRAIN_BYTES = 64 * 2**20
+_ENCODE_BATCH_BYTES = 4 * 2**20
+
+
+def prepare(
+    inputs: Sequence[str | Path] | None,
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.01,
+    text_field: str = "text",
+    overwrite: bool = False,
+    num_workers: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Tokenize a corpus into `out` (train/val token files, tokenizer, meta.json) and return `out`.
+
+    `inputs` are files, directories or Hugging Face dataset names; None or empty uses the Python stdlib
+    sources. Without `tokenizer` a byte-level BPE of `vocab_size` is trained on the train documents.
+    A `val_fraction` of whole documents, chosen by `seed`, is held out. `num_workers` caps the threads of
+    tokenizers' Rust pool (via RAYON_NUM_THREADS, which only takes effect before that pool first starts
+    in this process, as in the CLI); None uses all cores. The output appears atomically; a matching
+    existing output is returned untouched.
+    """
+    if not 0 < val_fraction <= 0.5:
+        raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction}: pass e.g. --val-fraction 0.01")
+    if not 257 <= vocab_size <= 2**32:
+        raise DataError(
+            f"vocab_size must be between 257 (256 bytes + EOS) and 2**32, got {vocab_size}: pass e.g. --vocab-size 8192"
+        )
+    if not text_field:
+        raise DataError("text_field is empty: pass the name of the records' text field, e.g. --text-field text")
+    if num_workers is not None:
+        if num_workers < 1:
+            raise DataError(f"num_workers must be at least 1, got {num_workers}: pass e.g. --num-workers 2")
+        os.environ.setdefault("RAYON_NUM_THREADS", str(num_workers))
+    out = Path(out).expanduser().absolute()
+    sources = resolve_inputs(inputs, exclude=out)
+    tok_path = Path(tokenizer).expanduser().absolute() if tokenizer is not None else None
+    # The meta.json fields that identify a request: equal values mean re-running would produce the same data.
+    request = {
+        "sources": sources.names,
+        "tokenizer": str(tok_path) if tok_path else "trained",
+        "requested_vocab_size": None if tok_path else vocab_size,
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+        "seed": seed,
+    }
+    if _reuse_existing(out, request, overwrite):
+        return out
+    hf_tok = load_tokenizer(tok_path) if tok_path else None  # fail on a bad tokenizer before reading the corpus
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        meta = _build(tmp, sources, request, hf_tok, progress)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _fsync_tree(tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "prepared %s: %d train / %d val tokens, vocab %d",
+        out, meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"], meta["vocab_size"],
+    )
+    return out
+
+
+def _reuse_existing(out: Path, request: dict[str, Any], overwrite: bool) -> bool:
+    """True if `out` already holds this request's result; DataError if it holds anything we must not clobber."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())) or overwrite:
+        return False
+    try:
+        meta = load_prepared(out).meta
+    except DataError:
+        meta = None
+    if meta is not None and {k: meta.get(k) for k in request} == request:
+        logger.info("%s is already prepared for this request; reusing it", out)
+        return True
+    what = "a dataset prepared with other settings" if meta is not None else "other content"
+    raise DataError(f"output {out} already holds {what}: pass --overwrite to replace it or choose another --out")
+
+
+def _build(
+    tmp: Path,
+    sources: Sources,
+    request: dict[str, Any],
+    hf_tok: PreTrainedTokenizerBase | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write tokenizer/, train.bin and val.bin into `tmp`; return the meta.json content."""
+    text_field = request["text_field"]
+    stats = CorpusStats()
+    spool = _Spool(tmp / "documents.spool")
+    with spool:
+        for data in iter_documents(sources, text_field, stats, progress=progress):
+            spool.add(data)
+    n_docs = len(spool)
+    if n_docs == 0:
+        raise DataError(
+            f"no usable documents in the inputs ({stats.bad_files} unreadable files, {stats.bad_records} records "
+            f"without a {text_field!r} string, {stats.empty_docs} empty): check they are UTF-8 text and --text-field"
+        )
+    if n_docs < 2:
+        raise DataError("the corpus has only 1 document, but train and validation need one each: add documents")
+    logger.info("read %d documents (%.1f MB)", n_docs, spool.nbytes / 1e6)
+    is_val = _choose_val(n_docs, request["val_fraction"], request["seed"])
+
+    training = None
+    if hf_tok is None:
+        train_texts, training = spool.texts_up_to(~is_val, TOKENIZER_TRAIN_BYTES)
+        logger.info(
+            "training a byte-level BPE tokenizer (vocab %d) on %d documents (%.1f MB%s)",
+            request["requested_vocab_size"], training["docs"], training["bytes"] / 1e6,
+            ", a subset: the first train documents" if training["subset"] else "",
+        )
+        hf_tok = train_tokenizer(
+            train_texts, request["requested_vocab_size"], length=training["docs"], progress=progress
+        )
+    hf_tok.save_pretrained(str(tmp / TOKENIZER_DIR))
+    # Normally len(tokenizer); the max id guards against tokenizers whose ids have gaps.
+    vocab_size = max(len(hf_tok), max(hf_tok.get_vocab().values()) + 1)
+    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+    splits = _write_tokens(tmp, spool, is_val, batch_encoder(hf_tok), hf_tok.eos_token_id, dtype, progress)
+    spool.path.unlink()
+    return {
+        "version": VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **request,
+        "tokenizer_training": training,
+        "vocab_size": vocab_size,
+        "eos_id": hf_tok.eos_token_id,
+        "dtype": dtype.name,
+        "splits": splits,
+        "skipped": {"files": stats.bad_files, "records": stats.bad_records, "empty_docs": stats.empty_docs},
+    }
+
+
+def _choose_val(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out documents: the round(n*fraction) (at least 1, at most n-1) lowest random keys."""
+    n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+    keys = np.random.default_rng(seed).random(n_docs)
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.argsort(keys, kind="stable")[:n_val]] = True
+    return is_val
+
+
+class _Spool:
+    """Documents' UTF-8 bytes back to back in one temporary file.
+
+    Sources are read once (so skip warnings appear once and streamed datasets are not fetched again), while
+    tokenizer training and encoding re-read them sequentially with bounded memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offsets = array("q", [0])
+        self._file = open(path, "wb")
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def add(self, data: bytes) -> None:
+        self._file.write(data)
+        self.offsets.append(self.offsets[-1] + len(data))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[-1]
+
+    def read(self, select: np.ndarray | None = None) -> Iterator[tuple[int, bytes]]:
+        """(index, bytes) of each document, in order; only those where `select` is True if given."""
+        with open(self.path, "rb") as f:
+            for i in range(len(self)):
+                size = self.offsets[i + 1] - self.offsets[i]
+                if select is None or select[i]:
+                    yield i, f.read(size)
+                else:
+                    f.seek(size, os.SEEK_CUR)
+
+    def texts_up_to(self, select: np.ndarray, max_bytes: int) -> tuple[Iterator[str], dict[str, Any]]:
+        """The selected documents, stopping once `max_bytes` are reached, plus a summary of what is included."""
+        sizes = np.diff(np.frombuffer(self.offsets, dtype=np.int64))[select]
+        n = min(len(sizes), int(np.searchsorted(np.cumsum(sizes), max_bytes)) + 1)
+        summary = {"docs": n, "bytes": int(sizes[:n].sum()), "subset": n < len(sizes)}
+        docs = (data.decode("utf-8") for _, data in self.read(select))
+        return (text for _, text in zip(range(n), docs)), summary
+
+
+def _write_tokens(
+    tmp: Path,
+    spool: _Spool,
+    is_val: np.ndarray,
+    encode: Callable[[list[str]], list[list[int]]],
+    eos_id: int,
+    dtype: np.dtype,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Encode documents batch by batch, appending each one's tokens + EOS to its split's .bin file."""
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
+    hashes = {s: hashlib.sha256() for s in SPLITS}
+    counts = {s: {"docs": 0, "tokens": 0} for s in SPLITS}
+
+    def flush(batch: list[tuple[int, bytes]]) -> None:
+        ids = encode([data.decode("utf-8") for _, data in batch])
+        for split in SPLITS:
+            flat: list[int] = []
+            for (i, _), doc in zip(batch, ids):
+                if is_val[i] == (split == "val"):
+                    flat.extend(doc)
+                    flat.append(eos_id)
+                    counts[split]["docs"] += 1
+            chunk = np.array(flat, dtype=dtype).tobytes()
+            files[split].write(chunk)
+            hashes[split].update(chunk)
+            counts[split]["tokens"] += len(flat)
+        bar.update(sum(len(data) for _, data in batch))
+
+    try:
+        with tqdm(total=spool.nbytes, desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
+            batch: list[tuple[int, bytes]] = []
+            size = 0
+            for item in spool.read():
+                batch.append(item)
+                size += len(item[1])
+                if size >= _ENCODE_BATCH_BYTES:
+                    flush(batch)
+                    batch, size = [], 0
+            if batch:
+                flush(batch)
+    finally:
+        for f in files.values():
+            f.close()
+    return {s: {**counts[s], "sha256": hashes[s].hexdigest()} for s in SPLITS}
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root to disk, so the rename publishes complete data."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; a non-empty old out is moved aside first and deleted only once the new one is in."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)
+    _fsync_dir(out.parent)
+
+
+@dataclass
+class PreparedData:
+    """A prepared directory: its meta.json and memory-mapped token arrays (nothing is read until sliced)."""
+
+    path: Path
+    meta: dict[str, Any]
+    train: np.memmap
+    val: np.memmap
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.meta["eos_id"]
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer the tokens were made with."""
+        return AutoTokenizer.from_pretrained(str(self.path / TOKENIZER_DIR), local_files_only=True)
+
+
+def load_prepared(path: str | Path, *, verify: bool = False) -> PreparedData:
+    """Open a directory written by `prepare`; `verify` also recomputes the token files' sha256 against meta."""
+    path = Path(path).expanduser()
+    fix = f"run `relora prepare --out {path}` first"
+    if not path.is_dir():
+        raise DataError(f"prepared data directory {path} does not exist: {fix}")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} is not a prepared dataset (no meta.json): {fix}") from None
+    except ValueError as e:
+        raise DataError(f"{path}/meta.json is not valid JSON ({e}): re-run relora prepare with --overwrite") from e
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+        raise DataError(
+            f"{path}/meta.json is not a version {VERSION} prepared dataset: re-run relora prepare with --overwrite"
+        )
+    dtype = np.dtype(meta["dtype"])
+    arrays = {}
+    for split in SPLITS:
+        file, info = path / f"{split}.bin", meta["splits"][split]
+        size = file.stat().st_size if file.is_file() else None
+        if size != info["tokens"] * dtype.itemsize:
+            raise DataError(
+                f"{file} has {size} bytes but meta.json expects {info['tokens'] * dtype.itemsize}: "
+                "the directory is damaged; re-run relora prepare with --overwrite"
+            )
+        if verify and _sha256(file) != info["sha256"]:
+            raise DataError(f"{file} does not match its sha256 in meta.json: re-run relora prepare with --overwrite")
+        arrays[split] = np.memmap(file, dtype=dtype, mode="r")
+    return PreparedData(path, meta, arrays["train"], arrays["val"])
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()
