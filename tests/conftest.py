@@ -29,3 +29,30 @@ def model() -> LlamaForCausalLM:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+    """A small real corpus (some stdlib modules), tokenized with a 512-token BPE."""
+    from relora.data import default_corpus_files, prepare
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    for path in sorted(default_corpus_files(), key=lambda p: p.name)[:80]:
+        (corpus / f"{path.parent.name}_{path.name}.txt").write_bytes(path.read_bytes())
+    return prepare([corpus], tmp_path_factory.mktemp("data") / "prepared", vocab_size=512,
+                   val_fraction=0.1, progress=False)
+
+
+def run_config(data, out, **overrides):
+    """A TrainConfig for a seconds-long run of a tiny model."""
+    from relora.run_config import resolve_config
+
+    values = dict(model=TINY_MODEL, data=str(data), out=str(out), steps=40, warmup_steps=4,
+                  warm_start_steps=10, reset_every=10, restart_warmup_steps=3, rank=4, alpha=8,
+                  lr=3e-3, relora_lr=6e-3, batch_tokens=256, micro_batch=4, seq_len=32,
+                  eval_every=20, eval_tokens=1024, save_every=0, log_every=1, device="cpu")
+    values.update(overrides)
+    return resolve_config(overrides=values)

@@ -75,3 +75,13 @@ def test_scheduler_restarts_coincide_with_controller_restarts():
             restarted_at.append(step + 1)
     assert restarted_at == [55, 80, 105] == controller.restart_steps(total)
     assert zero_lr_at == restarted_at
+
+
+def test_scheduler_built_mid_run_continues_the_same_envelope():
+    kw = dict(total_steps=200, warmup_steps=20, restart_steps=[100, 150], restart_warmup_steps=10)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = relora.jagged_cosine_scheduler(opt, start_step=60, **kw)
+    for t in range(60, 200):
+        assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * relora.jagged_cosine(t, **kw)), t
+        opt.step()
+        sched.step()

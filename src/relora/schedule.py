@@ -49,14 +49,18 @@ def jagged_cosine_scheduler(
     restart_steps: Sequence[int] = (),
     restart_warmup_steps: int = 0,
     min_ratio: float = 0.1,
-    last_epoch: int = -1,
+    start_step: int = 0,
 ) -> LambdaLR:
-    """A LambdaLR whose multiplier at scheduler step t is ``jagged_cosine(t, ...)``."""
+    """A LambdaLR whose multiplier at scheduler step t is ``jagged_cosine(start_step + t, ...)``.
+
+    ``start_step`` lets a scheduler built mid-run (at the switch from the warm
+    start to ReLoRA, with a new optimizer) continue the same envelope.
+    """
     restarts = sorted(restart_steps)
 
     def multiplier(step: int) -> float:
         return jagged_cosine(
-            step,
+            start_step + step,
             total_steps=total_steps,
             warmup_steps=warmup_steps,
             restart_steps=restarts,
@@ -64,4 +68,4 @@ def jagged_cosine_scheduler(
             min_ratio=min_ratio,
         )
 
-    return LambdaLR(optimizer, multiplier, last_epoch=last_epoch)
+    return LambdaLR(optimizer, multiplier)

@@ -1,0 +1,5 @@
+import sys
+
+from relora.cli import main
+
+sys.exit(main())

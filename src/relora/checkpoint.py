@@ -1,0 +1,138 @@
+"""Checkpoints: atomic save, find the latest complete one, load.
+
+A checkpoint is a directory ``checkpoints/step_N/`` holding the model weights
+(safetensors, adapters included), the optimizer, scheduler and controller
+states, RNG states, the trainer's counters (incl. the data position) and the
+resolved config. It is written into a temporary sibling, fsynced and renamed,
+and ``complete.json`` is written last inside it, so a directory without it is
+never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    states: dict[str, Any],
+    trainer_state: dict,
+    config: dict,
+    keep: int,
+) -> Path:
+    """Write ``checkpoints_dir/step_{step}`` atomically; keep only the newest ``keep``.
+
+    ``states`` holds the optimizer / scheduler / controller state dicts (saved
+    with torch.save); ``trainer_state`` is JSON (step, tokens, data position).
+    """
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors")
+        torch.save({**states, "rng": rng_state()}, tmp / "states.pt")
+        _write_json(tmp / "trainer_state.json", trainer_state)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        for name in ("model.safetensors", "states.pt", "config.yaml"):
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _write_json(tmp / MARKER, {"step": step, "files": sorted(p.name for p in tmp.iterdir())})
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. final save after a periodic one)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(checkpoints_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoints_dir.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def read_config(path: Path) -> dict:
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``model.safetensors`` into ``model`` (strict: every key must match)."""
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+
+
+def load_states(path: Path) -> dict:
+    # weights_only=False: the file holds numpy / python RNG states, and it is our own file.
+    return torch.load(path / "states.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,297 @@
+"""The ``relora`` command: thin parsing over the library's plain functions.
+
+Exit codes: 0 success, 2 a user error (one line on stderr, no traceback),
+1 an internal error (with traceback, since that is a bug to report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from relora import __version__
+
+logger = logging.getLogger("relora")
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # imported late: `relora --help` should not pay for importing torch
+    from relora.data import DataError
+    from relora.models import ConfigError
+
+    return (DataError, ConfigError)
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit code 2."""
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "relora"
+
+
+# ---------------------------------------------------------------- prepare
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from relora.data import load_prepared, prepare
+
+    out = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                  val_fraction=args.val_fraction, text_field=args.text_field, overwrite=args.overwrite,
+                  seed=args.seed, progress=not args.no_progress)
+    meta = load_prepared(out).meta
+    print(f"prepared {out}: {_describe_data(meta)}")
+    return 0
+
+
+def _describe_data(meta: dict) -> str:
+    splits = meta["splits"]
+    return ", ".join([f"{name} {s['docs']:,} docs / {s['tokens']:,} tokens" for name, s in splits.items()]
+                     + [f"vocabulary {meta['vocab_size']:,}"])
+
+
+# ---------------------------------------------------------------- train
+TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of the same name
+    "--preset": (str, "model size and recipe: tiny, 9m, 20m, 60m, 130m, 250m, 350m, 1b"),
+    "--method": (str, "full, control, lora, lora-ws, relora (default), online-relora"),
+    "--data": (str, "prepared data directory (default: the Python stdlib corpus, prepared once into the cache)"),
+    "--out": (str, "run directory (default: runs/PRESET-METHOD-TIME)"),
+    "--steps": (int, "optimizer steps in total, warm start included"),
+    "--warm-start-steps": (int, "full-rank steps before LoRA/ReLoRA starts"),
+    "--reset-every": (int, "steps between ReLoRA restarts (merge, optimizer reset, LR re-warmup)"),
+    "--merge-every": (int, "steps between merges for online-relora (must divide --reset-every)"),
+    "--restart-warmup-steps": (int, "steps of linear LR re-warmup after each restart"),
+    "--rank": (int, "adapter rank r"),
+    "--alpha": (float, "adapter alpha (scale = alpha / rank)"),
+    "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
+    "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
+    "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
+    "--batch-tokens": (int, "global batch size in tokens"),
+    "--micro-batch": (int, "sequences per forward pass (gradient accumulation is derived)"),
+    "--seq-len": (int, "sequence length in tokens"),
+    "--sampling": (str, "sequential (one shuffled pass, no repetition) or random windows"),
+    "--eval-every": (int, "steps between evaluations (0: only at the end)"),
+    "--eval-tokens": (int, "validation tokens per evaluation"),
+    "--save-every": (int, "steps between checkpoints (0: only at the end)"),
+    "--log-every": (int, "steps between metrics records"),
+    "--init-from": (str, "start from a Hugging Face model directory or a relora checkpoint (no warm start)"),
+    "--seed": (int, "random seed (model init, data order, adapter init)"),
+    "--vocab-size": (int, "tokenizer vocabulary when the default corpus is prepared"),
+    "--device": (str, "auto (default), cpu, cuda, cuda:N"),
+    "--cache-dir": (str, "where the default corpus is prepared (default: ~/.cache/relora)"),
+}
+ABLATIONS = {
+    "--no-restarts": ("restarts", "ablation: no merges/restarts (ReLoRA becomes LoRA after the warm start)"),
+    "--no-optimizer-reset": ("optimizer_reset", "ablation: restarts keep the adapters' optimizer state"),
+    "--no-jagged": ("jagged", "ablation: plain cosine schedule, no LR re-warmup at restarts"),
+    "--no-warm-start": ("warm_start", "ablation: adapters from step 0, no full-rank warm start"),
+}
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    given = {k: v for k, v in vars(args).items() if k in {f[2:].replace("-", "_") for f in TRAIN_FLAGS}}
+    for flag, (name, _) in ABLATIONS.items():
+        if getattr(args, flag[2:].replace("-", "_"), False):
+            given[name] = False
+    return given
+
+
+def _set_lr(config, lr: float | None) -> None:
+    """--lr is the peak LR of the method's main phase: relora_lr for adapter methods."""
+    from relora.run_config import ADAPTER_METHODS
+
+    if lr is not None:
+        setattr(config, "relora_lr" if config.method in ADAPTER_METHODS else "lr", lr)
+
+
+def _newest_run(preset: str, method: str) -> Path:
+    runs = sorted(Path("runs").glob(f"{preset}-{method}-*"))
+    runs = [r for r in runs if (r / "config.yaml").is_file()]
+    if not runs:
+        raise UsageError(f"no run of preset {preset} and method {method} under runs/; pass --out RUN_DIR")
+    return runs[-1]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from relora.data import prepare
+    from relora.models import ConfigError
+    from relora.run_config import TrainConfig, incompatible_changes, resolve_config
+    from relora.train import train
+
+    overrides = _train_overrides(args)
+    lr = overrides.pop("lr", None)
+    if args.resume:
+        run_dir = Path(overrides["out"]) if "out" in overrides else _newest_run(
+            overrides.get("preset", TrainConfig.preset), overrides.get("method", TrainConfig.method))
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} holds no run to resume (no config.yaml); check --out")
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = TrainConfig(**{**saved, **overrides, "out": str(run_dir)})
+        _set_lr(config, lr)
+        config.validate()
+        changed = incompatible_changes(saved, config.to_dict())
+        if changed:
+            raise ConfigError(
+                f"cannot resume {run_dir} with a different {', '.join(changed)}; drop those flags or start a new --out"
+            )
+        harmless = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k != "out")
+        if harmless:
+            logger.info("resuming with changed settings: %s", ", ".join(harmless))
+    else:
+        if "init_from" in overrides and "warm_start_steps" not in overrides:
+            overrides["warm_start_steps"] = 0  # the loaded model is the warm start
+        config = resolve_config(config_file=args.config, overrides=overrides)
+        _set_lr(config, lr)
+        if config.out is None:
+            config.out = str(Path("runs") / f"{config.preset}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(config.out)
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"run directory {out} is not empty; pass --resume to continue it or choose another --out")
+        if config.data is None:
+            cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+            target = cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-bpe{config.vocab_size}"
+            logger.info("no --data given: using the Python standard library as corpus (%s)", target)
+            # 5% of the stdlib's ~730 files: at 1% the validation set would be 7 files, too few for a stable ppl
+            config.data = str(prepare(None, target, vocab_size=config.vocab_size, val_fraction=0.05,
+                                      progress=not args.no_progress))
+        config.validate()
+    print(yaml.safe_dump({"config": config.to_dict()}, sort_keys=False), end="", flush=True)
+    with logging_redirect_tqdm():
+        summary = train(config, resume=args.resume, progress=not args.no_progress)
+    print(_format_summary(summary))
+    return 130 if summary.interrupted else 0
+
+
+def _format_summary(s) -> str:
+    ppl = f"{s.val_ppl:.2f}" if s.val_ppl is not None else "n/a"
+    lines = [
+        "",
+        f"run          {s.run_dir}",
+        f"method       {s.method}",
+        f"steps        {s.steps:,}   tokens {s.tokens:,}   time {s.wall_s:.0f} s",
+        f"val ppl      {ppl}" + (f"   (val loss {s.val_loss:.4f})" if s.val_loss is not None else ""),
+        f"parameters   {s.trainable_params:,} trainable of {s.total_params:,}",
+        f"restarts     {s.restarts}   merges {s.merges}",
+        f"peak memory  {s.peak_mem_bytes / 2**20:,.0f} MiB",
+    ]
+    if s.skipped_steps:
+        lines.append(f"skipped      {s.skipped_steps} steps with non-finite loss or gradients")
+    if not s.interrupted:
+        lines.append(f"model        {s.run_dir / 'final'}  (plain Hugging Face model, last cycle merged)")
+    lines += s.notes
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- eval / export
+def cmd_eval(args: argparse.Namespace) -> int:
+    from relora.data import TokenWindows, load_prepared
+    from relora.evaluation import evaluate, perplexity
+    from relora.train import autocast_for, model_from_path, pick_device
+
+    data = load_prepared(args.data)
+    device = pick_device(args.device)
+    model = model_from_path(args.model).to(device)
+    windows = TokenWindows(data.val, args.seq_len, mode="sequential", name="the validation split")
+    n = max(1, args.eval_tokens // args.seq_len)
+    loss = evaluate(model, windows, num_windows=n, micro_batch=args.micro_batch, device=device,
+                    autocast=autocast_for(device))
+    print(f"val loss {loss:.4f}  val ppl {perplexity(loss):.2f}  ({min(n, len(windows)) * args.seq_len:,} tokens)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from relora import checkpoint as ckpt
+    from relora.data import load_prepared
+    from relora.models import ConfigError
+    from relora.train import export_dense, model_from_checkpoint
+
+    source = Path(args.checkpoint)
+    if not (source / ckpt.MARKER).is_file():
+        latest = ckpt.latest_checkpoint(source / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"{source} is neither a checkpoint nor a run directory with checkpoints")
+        source = latest
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; pass --overwrite or choose another OUT")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model_from_checkpoint(source)
+    data_dir = ckpt.read_config(source).get("data")
+    tokenizer = load_prepared(data_dir).tokenizer() if data_dir and Path(data_dir, "meta.json").is_file() else None
+    export_dense(model, tokenizer, out)
+    print(f"exported {source} -> {out}" + ("" if tokenizer else " (tokenizer not found, not included)"))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relora", description="ReLoRA: high-rank training through low-rank updates")
+    parser.add_argument("--version", action="version", version=f"relora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into a training-ready directory",
+                       description="Tokenize text files, JSONL/Parquet or a HF dataset into token arrays.")
+    p.add_argument("inputs", nargs="*", help="files, directories or a dataset name (default: Python stdlib)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", help="existing tokenizer.json or tokenizer directory (default: train a BPE)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE tokenizer")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument("--text-field", default="text", help="field holding the text in JSON/Parquet records")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    t = sub.add_parser("train", help="pretrain a model with full-rank, LoRA or ReLoRA",
+                       description="Train a LLaMA-style model; flags override --config, which overrides --preset.",
+                       argument_default=argparse.SUPPRESS)
+    t.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
+    for flag, (kind, text) in TRAIN_FLAGS.items():
+        t.add_argument(flag, type=kind, help=text)
+    for flag, (_, text) in ABLATIONS.items():
+        t.add_argument(flag, action="store_true", help=text)
+    t.add_argument("--resume", action="store_true", default=False, help="continue the latest checkpoint of --out")
+    t.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss and perplexity of a model")
+    e.add_argument("--model", required=True, help="Hugging Face model directory or relora checkpoint")
+    e.add_argument("--data", required=True, help="prepared data directory")
+    e.add_argument("--seq-len", type=int, default=256, help="sequence length")
+    e.add_argument("--eval-tokens", type=int, default=1_000_000, help="validation tokens to evaluate")
+    e.add_argument("--micro-batch", type=int, default=16, help="sequences per forward pass")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (adapters merged)")
+    x.add_argument("checkpoint", help="checkpoint directory (checkpoints/step_N) or a run directory (latest)")
+    x.add_argument("out", help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    x.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"relora: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"relora: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        print(f"relora: internal error: {type(exc).__name__}: {exc} (please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""TrainConfig: every setting of a training run, resolved in one direction.
+
+defaults -> preset (``configs/NAME.yaml``) -> ``--config FILE`` -> flags. The
+resolved config is saved in the run directory and is what a resume compares
+against.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relora.config import ReLoRAConfig
+from relora.models import ConfigError, load_preset
+
+METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora")
+ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
+
+# Changing these makes a checkpoint mean something else: a resume refuses them.
+RESUME_INCOMPATIBLE = (
+    "preset", "method", "model", "vocab_size", "data", "steps", "warmup_steps", "warm_start_steps",
+    "reset_every", "merge_every", "restart_warmup_steps", "rank", "alpha", "dropout", "target_modules",
+    "prune", "prune_ratio", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
+    "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
+    "restarts", "optimizer_reset", "jagged", "warm_start",
+)
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Field names are the CLI flags with dashes as underscores."""
+
+    preset: str = "tiny"
+    method: str = "relora"
+    data: str | None = None  # prepared data directory; None = the default corpus, prepared into cache_dir
+    out: str | None = None  # run directory; None = runs/<preset>-<method>-<time>
+    cache_dir: str | None = None  # None = ~/.cache/relora
+    model: dict = field(default_factory=dict)  # LlamaConfig architecture fields
+    vocab_size: int = 8192  # for preparing the default corpus
+    steps: int = 1000
+    warmup_steps: int = 50
+    warm_start_steps: int = 250
+    reset_every: int = 250
+    merge_every: int | None = None
+    restart_warmup_steps: int = 25
+    rank: int = 128
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    prune: str = "magnitude"
+    prune_ratio: float = 0.99
+    lr: float = 1e-3  # peak LR of full-rank training (and of the warm start)
+    relora_lr: float = 2e-3  # peak LR once adapters train (spec section 6: 1.5-2x full-rank)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    batch_tokens: int = 4096  # global batch
+    micro_batch: int = 32  # sequences per forward pass; gradient accumulation is derived
+    seq_len: int = 128
+    sampling: str = "sequential"  # one shuffled pass without repetition (as the paper), or "random" windows
+    eval_every: int = 250
+    eval_tokens: int = 65536
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    init_from: str | None = None
+    seed: int = 0
+    restarts: bool = True  # Table 6 ablation switches
+    optimizer_reset: bool = True
+    jagged: bool = True
+    warm_start: bool = True
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.sampling not in ("sequential", "random"):
+            raise ConfigError(f"sampling must be 'sequential' or 'random', got {self.sampling!r}")
+        for name in ("steps", "batch_tokens", "micro_batch", "seq_len", "eval_tokens", "log_every", "keep_checkpoints"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("eval_every", "save_every", "warmup_steps", "warm_start_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("lr", "relora_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.batch_tokens % self.seq_len:
+            raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len ({self.seq_len})")
+        if self.sequences_per_step % self.micro_batch:
+            raise ConfigError(
+                f"micro_batch ({self.micro_batch}) must divide the sequences per step "
+                f"(batch_tokens / seq_len = {self.sequences_per_step})"
+            )
+        if self.method in ADAPTER_METHODS and self.relora_phase_start >= self.steps:
+            raise ConfigError(
+                f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}"
+            )
+        if self.method == "online-relora" and self.merge_every is None:
+            raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
+        self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals)
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_tokens // self.seq_len
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.sequences_per_step // self.micro_batch
+
+    @property
+    def relora_phase_start(self) -> int:
+        """Step at which the model is wrapped (0 for plain LoRA or without warm start)."""
+        if self.method == "lora" or not self.warm_start:
+            return 0
+        return self.warm_start_steps
+
+    def peak_lr(self, wrapped: bool) -> float:
+        return self.relora_lr if wrapped else self.lr
+
+    def relora_config(self) -> ReLoRAConfig | None:
+        """The adapter / restart settings this method and its ablation switches mean."""
+        if self.method in ("full", "control"):
+            return None
+        restarts = self.restarts and self.method in ("relora", "online-relora")
+        reset_every = self.reset_every if restarts else None
+        merge_every = self.merge_every if self.method == "online-relora" and restarts else reset_every
+        try:
+            return ReLoRAConfig(
+                r=self.rank,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                target_modules=self.target_modules,
+                reset_every=reset_every,
+                merge_every=merge_every,
+                restart_warmup_steps=self.restart_warmup_steps if restarts else 0,
+                prune=self.prune if self.optimizer_reset else "none",
+                prune_ratio=self.prune_ratio,
+                warm_start_steps=self.relora_phase_start,
+                seed=self.seed,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("r must", "rank must")) from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELD_NAMES = [f.name for f in fields(TrainConfig)]
+
+
+def _check_keys(values: dict, where: str) -> None:
+    for key in values:
+        if key not in FIELD_NAMES:
+            close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown setting {key!r} in {where}{hint}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML mapping of TrainConfig fields (``model:`` for the architecture)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    _check_keys(values, str(path))
+    return values
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """defaults <- preset <- config file <- overrides (flags); validated."""
+    file_values = read_config_file(config_file) if config_file else {}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(overrides, "the overrides")
+    name = overrides.get("preset") or file_values.get("preset") or preset or TrainConfig.preset
+    values: dict[str, Any] = {"preset": name}
+    preset_values = load_preset(name)
+    values["model"] = dict(preset_values.get("model", {}))
+    values.update(preset_values.get("train", {}))
+    _check_keys(values, f"preset {name}")
+    for layer in (file_values, overrides):
+        for key, value in layer.items():
+            if key == "model":
+                values["model"] = {**values["model"], **value}
+            else:
+                values[key] = value
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+def incompatible_changes(saved: dict, current: dict) -> list[str]:
+    """Fields that differ between a saved run config and a resume's config."""
+    return [k for k in RESUME_INCOMPATIBLE if saved.get(k) != current.get(k)]

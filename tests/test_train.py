@@ -1,0 +1,124 @@
+"""The training loop end to end on a tiny model (RELORA_SPEC.md sections 5-7)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import relora
+from relora import checkpoint as ckpt
+from relora.train import build_phase, make_model, train
+
+METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "restarts",
+                 "pruned_fraction"}
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["full", "control", "lora", "lora-ws", "relora", "online-relora"])
+def test_every_method_trains_and_loss_falls(method, prepared_data, tmp_path):
+    extra = {"merge_every": 5} if method == "online-relora" else {}
+    summary = train(run_config(prepared_data, tmp_path / method, method=method, **extra), progress=False)
+    logged = records(tmp_path / method)
+    assert METRIC_FIELDS <= set(logged[0])
+    first = sum(r["loss"] for r in logged[:5]) / 5
+    last = sum(r["loss"] for r in logged[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert summary.val_ppl is not None and summary.val_ppl < 512  # better than uniform over the vocabulary
+    assert {"val_loss", "val_ppl"} <= set(logged[-1])
+    assert (tmp_path / method / "final" / "config.json").is_file()
+    if method in ("relora", "online-relora"):
+        assert summary.restarts == 2  # steps 20 and 30 (warm start 10, reset every 10, 40 steps)
+    else:
+        assert summary.restarts == 0
+    if method == "online-relora":
+        assert summary.merges == 5  # every 5 steps from step 10: 15, 20, 25, 30, 35
+
+
+def test_restarts_happen_at_configured_steps_with_zero_lr(prepared_data, tmp_path):
+    train(run_config(prepared_data, tmp_path), progress=False)
+    logged = {r["step"]: r for r in records(tmp_path)}
+    assert [s for s, r in logged.items() if r.get("restart")] == [20, 30]
+    # the step right after a restart (index t_k, completing as t_k + 1) runs at LR exactly 0
+    assert logged[21]["lr"] == 0.0 and logged[31]["lr"] == 0.0
+    assert all(r["lr"] > 0 for s, r in logged.items() if s > 1 and s not in (21, 31))
+    assert logged[20]["pruned_fraction"] > 0.9
+    assert logged[30]["restarts"] == 2
+
+
+def test_warm_start_is_full_rank_then_adapters(prepared_data, tmp_path):
+    cfg = run_config(prepared_data, tmp_path)
+    model = make_model(cfg, 512)
+    phase = build_phase(cfg, model, wrapped=False)
+    assert phase.controller is None
+    n_full = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in phase.optimizer.param_groups for p in g["params"]) == n_full
+    summary = train(cfg, progress=False)
+    assert summary.trainable_params < n_full  # embeddings and head dominate this tiny model
+    logged = records(tmp_path)
+    assert not logged[9]["wrapped"] and logged[10]["wrapped"]
+
+
+def test_ablation_switches_change_what_they_say(prepared_data, tmp_path):
+    cfg = run_config(prepared_data, tmp_path / "a", restarts=False)
+    assert cfg.relora_config().reset_every is None
+    cfg = run_config(prepared_data, tmp_path / "b", optimizer_reset=False)
+    assert cfg.relora_config().prune == "none"
+    cfg = run_config(prepared_data, tmp_path / "c", warm_start=False)
+    assert cfg.relora_phase_start == 0
+    train(run_config(prepared_data, tmp_path / "d", jagged=False), progress=False)
+    assert all(r["lr"] > 0 for r in records(tmp_path / "d")[1:])
+
+
+@pytest.mark.parametrize("resume_step", [10, 25])
+def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
+    """A run of 40 steps == the same run stopped at `resume_step` and resumed (CPU)."""
+    full = tmp_path / "full"
+    train(run_config(prepared_data, full, save_every=5, keep_checkpoints=20), progress=False)
+    split = tmp_path / "split"
+    shutil.copytree(full, split)
+    shutil.rmtree(split / "final")
+    for path in ckpt.list_checkpoints(split / "checkpoints"):
+        if int(path.name.split("_")[1]) > resume_step:
+            shutil.rmtree(path)
+    cfg = run_config(prepared_data, split, save_every=5, keep_checkpoints=20)
+    train(cfg, resume=True, progress=False)
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(split / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
+    assert strip(records(full)) == strip(records(split))
+
+
+def test_exported_model_matches_training_model(prepared_data, tmp_path):
+    cfg = run_config(prepared_data, tmp_path)
+    train(cfg, progress=False)
+    last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    wrapped = make_model(cfg, 512)
+    relora.wrap(wrapped, cfg.relora_config())
+    ckpt.load_weights(wrapped, last)
+    tokens = torch.randint(0, 512, (2, 32))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert type(exported).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(exported(tokens).logits, wrapped(tokens).logits, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+
+
+def test_checkpoints_are_pruned_to_keep_and_complete(prepared_data, tmp_path):
+    train(run_config(prepared_data, tmp_path, save_every=10, keep_checkpoints=2), progress=False)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step_30", "step_40"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_sequential_sampling_refuses_too_many_steps(prepared_data, tmp_path):
+    from relora.models import ConfigError
+
+    with pytest.raises(ConfigError, match="sampling random"):
+        train(run_config(prepared_data, tmp_path, steps=100_000, warmup_steps=10), progress=False)
