@@ -1,7 +1,13 @@
 """The README's examples run, and CI runs the README's test command."""
 
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -29,3 +35,21 @@ def test_readme_opens_with_the_main_job_and_the_test_command():
     assert test_command == "python -m pytest"
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert ci_lines[-1] == test_command
+
+
+@pytest.mark.slow
+def test_readme_main_job_finishes_within_ten_minutes(tmp_path):
+    """The README's first command, as written, in a fresh home and working directory."""
+    first = code_blocks("bash")[0].strip().splitlines()[0]
+    command = first.split("&&")[1].split("#")[0].strip()
+    assert command.startswith("relora train")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    relora_bin = str(Path(sys.executable).parent / "relora")
+    start = time.perf_counter()
+    result = subprocess.run([relora_bin, *command.split()[1:]], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=900)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "val ppl" in result.stdout and "restarts     3" in result.stdout
+    print(f"README main job: {elapsed:.0f} s\n" + result.stdout[-800:])
+    assert elapsed < 600

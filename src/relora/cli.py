@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (adapters merged)")
-    x.add_argument("checkpoint", help="checkpoint directory (checkpoints/step_N) or a run directory (latest)")
-    x.add_argument("out", help="output directory")
+    x.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint directory (checkpoints/step_N) or a run directory (latest)")
+    x.add_argument("out", metavar="OUT", help="output directory")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     x.set_defaults(func=cmd_export)
     return parser
