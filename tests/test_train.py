@@ -122,3 +122,19 @@ def test_sequential_sampling_refuses_too_many_steps(prepared_data, tmp_path):
 
     with pytest.raises(ConfigError, match="sampling random"):
         train(run_config(prepared_data, tmp_path, steps=100_000, warmup_steps=10), progress=False)
+
+
+def test_reference_weights_are_saved_where_low_rank_training_starts(prepared_data, tmp_path):
+    """relora analyze's default reference: the warm start's end, shared by full-rank and ReLoRA with equal seeds."""
+    train(run_config(prepared_data, tmp_path / "full", method="full", steps=15), progress=False)
+    train(run_config(prepared_data, tmp_path / "relora", steps=15), progress=False)
+    train(run_config(prepared_data, tmp_path / "lora", method="lora", steps=15), progress=False)
+    full = load_file(tmp_path / "full" / "reference" / "model.safetensors")
+    warm = load_file(tmp_path / "relora" / "reference" / "model.safetensors")
+    initial = load_file(tmp_path / "lora" / "reference" / "model.safetensors")
+    assert full.keys() == warm.keys() == initial.keys() and not any("lora" in k for k in warm)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(full[name], warm[name])  # both at step 10, same seed, same data
+    assert not torch.equal(warm[name], initial[name])  # lora starts from step 0
+    final = load_file(tmp_path / "relora" / "final" / "model.safetensors")
+    assert not torch.equal(final[name], warm[name])

@@ -47,6 +47,14 @@ def _write_json(path: Path, value: Any) -> None:
         os.fsync(f.fileno())
 
 
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_json(tmp, value)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

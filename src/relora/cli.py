@@ -31,10 +31,6 @@ class UsageError(Exception):
     """Bad command-line usage: exit code 2."""
 
 
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "relora"
-
-
 # ---------------------------------------------------------------- prepare
 def cmd_prepare(args: argparse.Namespace) -> int:
     from relora.data import load_prepared, prepare
@@ -118,7 +114,7 @@ def _newest_run(preset: str, method: str) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.data import prepare
+    from relora.data import prepare_default_corpus
     from relora.models import ConfigError
     from relora.run_config import TrainConfig, incompatible_changes, resolve_config
     from relora.train import train
@@ -153,14 +149,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"run directory {out} is not empty; pass --resume to continue it or choose another --out")
         if config.data is None:
-            cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-            target = cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-bpe{config.vocab_size}"
-            logger.info("no --data given: using the Python standard library as corpus (%s)", target)
-            # 5% of the stdlib's ~730 files: at 1% the validation set would be 7 files, too few for a stable ppl
-            config.data = str(prepare(None, target, vocab_size=config.vocab_size, val_fraction=0.05,
-                                      progress=not args.no_progress))
+            config.data = str(prepare_default_corpus(config.cache_dir, config.vocab_size, progress=not args.no_progress))
         config.validate()
     print(yaml.safe_dump({"config": config.to_dict()}, sort_keys=False), end="", flush=True)
+    if args.no_progress:
+        _quiet_transformers()
     with logging_redirect_tqdm():
         summary = train(config, resume=args.resume, progress=not args.no_progress)
     print(_format_summary(summary))
@@ -185,6 +178,13 @@ def _format_summary(s) -> str:
         lines.append(f"model        {s.run_dir / 'final'}  (plain Hugging Face model, last cycle merged)")
     lines += s.notes
     return "\n".join(lines)
+
+
+def _quiet_transformers() -> None:
+    """--no-progress also silences transformers' own bars (``save_pretrained`` draws one per save)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 # ---------------------------------------------------------------- eval / export
@@ -225,6 +225,75 @@ def cmd_export(args: argparse.Namespace) -> int:
     tokenizer = load_prepared(data_dir).tokenizer() if data_dir and Path(data_dir, "meta.json").is_file() else None
     export_dense(model, tokenizer, out)
     print(f"exported {source} -> {out}" + ("" if tokenizer else " (tokenizer not found, not included)"))
+    return 0
+
+
+# ---------------------------------------------------------------- analyze / plot / compare
+def _default_out(paths: list[str], name: str) -> Path:
+    """Beside a single run, else in the working directory."""
+    from relora.runs import is_run_dir
+
+    if len(paths) == 1 and is_run_dir(Path(paths[0])):
+        return Path(paths[0]) / name
+    return Path(name)
+
+
+def _labels(text: str | None, count: int) -> list[str] | None:
+    if text is None:
+        return None
+    labels = [x.strip() for x in text.split(",")]
+    if len(labels) != count:
+        raise UsageError(f"--labels has {len(labels)} names for {count} runs; give one comma-separated name per run")
+    return labels
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from relora.analysis import analyze_runs, write_analysis
+
+    out = Path(args.out) if args.out else _default_out(args.runs, "analysis")
+    spectra = analyze_runs([Path(p) for p in args.runs], reference=Path(args.reference) if args.reference else None,
+                           labels=_labels(args.labels, len(args.runs)), threshold=args.threshold)
+    written = write_analysis(spectra, out, threshold=args.threshold)
+    for label, s in spectra.items():
+        below = ", ".join(f"{t} {v:.1f}" for t, v in s.below(args.threshold).items())
+        ranks = ", ".join(f"{t} {min(r)}-{max(r)}" for t, r in s.ranks().items())
+        print(f"{label}: rank of dW per layer {ranks}; singular values < {args.threshold:g} per matrix: {below}")
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from relora.plots import plot_curves
+    from relora.runs import read_curves
+
+    labels = _labels(args.labels, len(args.runs)) or [None] * len(args.runs)
+    curves = [read_curves(Path(p), label) for p, label in zip(args.runs, labels, strict=True)]
+    out = Path(args.out) if args.out else _default_out(args.runs, "loss.png")
+    print(f"wrote {plot_curves(curves, out, title=args.title)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from relora.compare import SETS, compare
+    from relora.data import prepare_default_corpus
+    from relora.run_config import resolve_config
+
+    overrides = _train_overrides(args)  # no --lr: it differs per method; set lr / relora_lr in --config
+    base = resolve_config(config_file=args.config, overrides=overrides)  # validates before any work
+    if base.data is None:
+        overrides["data"] = str(prepare_default_corpus(base.cache_dir, base.vocab_size, progress=not args.no_progress))
+    sets = list(SETS) if args.set == "all" else [args.set]
+    if args.no_progress:
+        _quiet_transformers()
+    with logging_redirect_tqdm():
+        results = compare(sets=sets, out=Path(args.out), runs_dir=Path(args.runs) if args.runs else None,
+                          preset=None, config_file=args.config, overrides=overrides,
+                          threshold=args.threshold, progress=not args.no_progress)
+    for name, result in results["sets"].items():
+        print(f"\n{name} set:\n{result['table']}")
+    print(f"trained {len(results['trained_s'])} runs in {results['elapsed_s'] / 60:.1f} min; results in {args.out}")
     return 0
 
 
@@ -274,6 +343,41 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", metavar="OUT", help="output directory")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("analyze", help="singular values of the update dW = W - W_reference, as JSON and figures",
+                       description="Spectra of dW per matrix type (q, k, v, o, gate, up, down), like the paper's "
+                                   "Figures 3 and 4. Several runs are overlaid.")
+    a.add_argument("runs", nargs="+", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory (its final/ model), checkpoint or Hugging Face model directory")
+    a.add_argument("--reference", help="weights to subtract (default: each run's reference/, end of its warm start)")
+    a.add_argument("--out", help="output directory (default: RUN/analysis for one run, else ./analysis)")
+    a.add_argument("--threshold", type=float, default=0.1, help="count singular values below this (default 0.1)")
+    a.add_argument("--labels", help="comma-separated legend names, one per run (default: run directory names)")
+    a.set_defaults(func=cmd_analyze)
+
+    pl = sub.add_parser("plot", help="loss and validation-perplexity curves of runs, restarts marked",
+                        description="Training loss and validation perplexity of several runs on one figure.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    pl.add_argument("--out", help="PNG file (default: RUN/loss.png for one run, else ./loss.png)")
+    pl.add_argument("--labels", help="comma-separated legend names, one per run (default: run directory names)")
+    pl.add_argument("--title", help="figure title")
+    pl.set_defaults(func=cmd_plot)
+
+    c = sub.add_parser("compare", help="run the paper's methods (and Table 6 ablation) with matched budgets",
+                       description="Train full, control, lora, lora-ws, relora (main set) and ReLoRA with each "
+                                   "component switched off (ablation set) from one config; write tables and "
+                                   "figures. Finished runs are reused, unfinished ones resumed.",
+                       argument_default=argparse.SUPPRESS)
+    c.add_argument("--set", default="all", choices=["main", "ablation", "all"], help="which set of runs (default all)")
+    c.add_argument("--out", default="comparison", help="where tables and figures go (default ./comparison)")
+    c.add_argument("--runs", default=None, help="where the run directories go (default OUT/runs)")
+    c.add_argument("--config", default=None, help="YAML file of settings shared by every run")
+    c.add_argument("--threshold", type=float, default=0.1, help="singular-value threshold of the spectra figure")
+    for flag, (kind, text) in TRAIN_FLAGS.items():
+        if flag not in ("--out", "--method", "--init-from", "--lr"):
+            c.add_argument(flag, type=kind, help=text)
+    c.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
+    c.set_defaults(func=cmd_compare)
     return parser
 
 

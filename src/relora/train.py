@@ -19,7 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,11 @@ class RunSummary:
     skipped_steps: int = 0
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["run_dir"] = str(self.run_dir)
+        return values
 
 
 @dataclass
@@ -255,6 +260,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
     with _StopOnSignal() as stop, open(metrics_path, "a") as metrics:
         while state["step"] < cfg.steps:
             step = state["step"]
+            if step == reference_step(cfg):
+                save_dense(model, None, run_dir / "reference")
             if relora_cfg is not None and step == cfg.relora_phase_start and not phase.wrapped:
                 wrap(model, relora_cfg)
                 model.to(device)
@@ -328,7 +335,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
     trainable, total = count_parameters(model)  # before export, which removes the adapters
     if not interrupted:
         export_dense(model, data.tokenizer(), run_dir / "final")
-    return RunSummary(
+    summary = RunSummary(
         run_dir=run_dir, method=cfg.method, steps=state["step"], tokens=state["tokens"],
         wall_s=time.perf_counter() - run_start, trainable_params=trainable, total_params=total,
         restarts=phase.controller.restarts if phase.controller else 0,
@@ -337,18 +344,31 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
         val_ppl=perplexity(state["val_loss"]) if "val_loss" in state else None,
         skipped_steps=state["skipped_steps"], interrupted=interrupted, notes=summary_notes,
     )
+    if not interrupted:  # written last: its presence means the run finished (relora compare relies on it)
+        ckpt.write_json_atomic(run_dir / "summary.json", summary.to_dict())
+    return summary
 
 
-def export_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
-    """Merge the last cycle, drop the adapters, save a plain HF model (+ tokenizer) atomically.
+def reference_step(cfg: TrainConfig) -> int | None:
+    """Step whose weights ``relora analyze`` measures the update against by default.
 
-    Merging first avoids the reference code's defect of saving the final model
-    without its last cycle (spec section 3).
+    Where low-rank training starts: the end of the warm start, or step 0
+    without one. Full-rank runs use the step at which the adapter methods of
+    the same config switch, so that every method's dW starts from the same
+    weights (with equal seeds the warm starts are identical).
     """
-    dense = unwrap(model).cpu()
+    if cfg.method in ("full", "control"):
+        step = cfg.warm_start_steps if cfg.warm_start else 0
+    else:
+        step = cfg.relora_phase_start
+    return step if step < cfg.steps else None
+
+
+def save_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
+    """Save an unwrapped model (+ tokenizer) as a Hugging Face directory, atomically."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        dense.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
@@ -358,6 +378,15 @@ def export_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
+    """Merge the last cycle, drop the adapters, save a plain HF model (+ tokenizer) atomically.
+
+    Merging first avoids the reference code's defect of saving the final model
+    without its last cycle (spec section 3).
+    """
+    return save_dense(unwrap(model).cpu(), tokenizer, out)
 
 
 def _param_counts(model: nn.Module) -> str:

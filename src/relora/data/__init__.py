@@ -2,7 +2,7 @@
 
 from relora.data.corpus import default_corpus_files
 from relora.data.errors import DataError
-from relora.data.store import PreparedData, load_prepared, prepare
+from relora.data.store import PreparedData, load_prepared, prepare, prepare_default_corpus
 from relora.data.windows import TokenWindows
 
-__all__ = ["DataError", "PreparedData", "TokenWindows", "default_corpus_files", "load_prepared", "prepare"]
+__all__ = ["DataError", "PreparedData", "TokenWindows", "default_corpus_files", "load_prepared", "prepare", "prepare_default_corpus"]
