@@ -158,8 +158,46 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
             param.requires_grad_(trainable.get(original, True))
     for layer in lora_layers(model):
         base_weight(layer).requires_grad_(False)
+        if config.frozen_dtype != "float32":
+            store_frozen_as(layer, getattr(torch, config.frozen_dtype))
     reinit_adapters(model, config.seed)
     return model
+
+
+_CAST_HOOKS = "_relora_cast_hooks"
+
+
+def store_frozen_as(layer: LoraLayer, dtype: torch.dtype) -> None:
+    """Keep a wrapped layer's frozen weight in ``dtype`` (e.g. bf16: half the memory).
+
+    The base layer then computes in ``dtype`` and returns the caller's dtype, so
+    float32 activations and float32 adapters keep working outside autocast.
+    Hooks rather than a subclass: peft owns the module types.
+    """
+    base = layer.get_base_layer()
+    weight = base_weight(layer)
+    weight.data = weight.data.to(dtype)
+    if getattr(base, _CAST_HOOKS, None) is not None:
+        return
+    seen: dict[str, torch.dtype] = {}
+
+    def cast_in(module: nn.Module, args: tuple) -> tuple:
+        seen["dtype"] = args[0].dtype
+        return (args[0].to(module.weight.dtype), *args[1:])
+
+    def cast_out(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(seen["dtype"]) if torch.is_floating_point(output) else output
+
+    setattr(base, _CAST_HOOKS, (base.register_forward_pre_hook(cast_in), base.register_forward_hook(cast_out)))
+
+
+def _restore_float32(base: nn.Module, merged: torch.Tensor) -> None:
+    """Undo ``store_frozen_as`` on an unwrapped base layer: float32 weight, no hooks."""
+    base.weight.data = merged
+    for handle in getattr(base, _CAST_HOOKS, ()) or ():
+        handle.remove()
+    if hasattr(base, _CAST_HOOKS):
+        delattr(base, _CAST_HOOKS)
 
 
 @torch.no_grad()
@@ -187,8 +225,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
-        merge_layer(module)
         base = module.get_base_layer()
+        if base_weight(module).dtype != torch.float32:  # bf16 storage: export the float32 sum, unrounded
+            _restore_float32(base, base_weight(module).float() + delta_weight(module).to(base.weight.device))
+        else:
+            merge_layer(module)
         base.weight.requires_grad_(True)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, base)

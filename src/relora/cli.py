@@ -297,6 +297,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from relora.bench import BenchSetup, format_result, run_bench, write_json
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    setup = BenchSetup.from_preset(args.preset, rank=args.rank, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                                   device=args.device, frozen_dtype=args.frozen_dtype, vocab_size=args.vocab_size)
+    cost = setup.cost_model()
+    print(f"preset {setup.preset}, rank {setup.rank}, seq {setup.seq_len}, micro-batch {setup.micro_batch}: "
+          f"the cost model says")
+    print(cost.explain())
+    if args.explain:
+        return 0
+    if args.warmup < 0 or args.repeats < 1:
+        raise UsageError("--warmup must be >= 0 and --repeats >= 1")
+    result = run_bench(setup, methods=methods, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
+                       merge=args.merge, progress=lambda text: logger.info("bench: %s", text))
+    print(format_result(result))
+    if args.json:
+        write_json(result, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relora", description="ReLoRA: high-rank training through low-rank updates")
@@ -378,6 +402,26 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument(flag, type=kind, help=text)
     c.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
     c.set_defaults(func=cmd_compare)
+
+    b = sub.add_parser("bench", help="full-rank vs ReLoRA step throughput and memory, against the cost model's bounds",
+                       description="Time full-rank and ReLoRA training steps side by side (median after warm-up), "
+                                   "measure each method's peak memory in a fresh process, and compare the ratios "
+                                   "with the bounds computed from FLOPs and state bytes.")
+    b.add_argument("--preset", default="tiny", help="architecture to benchmark (default tiny)")
+    b.add_argument("--rank", type=int, help="adapter rank (default: the preset's)")
+    b.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
+    b.add_argument("--micro-batch", type=int, help="sequences per step (default: the preset's on GPU, 1 on CPU)")
+    b.add_argument("--methods", default="full,relora", help="comma-separated: full, relora (default both)")
+    b.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's, else 32100)")
+    b.add_argument("--frozen-dtype", help="storage of frozen weights: float32 or bfloat16 (default: bf16 on GPU)")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    b.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    b.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    b.add_argument("--merge", action="store_true", help="also time merge_and_reinit of the whole model")
+    b.add_argument("--explain", action="store_true", help="print the cost model's bounds only; measure nothing")
+    b.add_argument("--json", help="write the results to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 from relora.optim import PRUNE_METHODS
 
+FROZEN_DTYPES = ("float32", "bfloat16")
+
 
 @dataclass
 class ReLoRAConfig:
@@ -33,6 +35,9 @@ class ReLoRAConfig:
     # Seed for adapter initialisation and random pruning masks; identical on
     # every data-parallel rank so that all ranks draw the same values.
     seed: int = 0
+    # Storage of the frozen base weights of wrapped layers: "bfloat16" halves
+    # their memory (merges are still computed in float32, rounded once).
+    frozen_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.merge_every is None:
@@ -77,6 +82,8 @@ class ReLoRAConfig:
                 )
         elif self.reset_every is not None:
             raise ValueError("merge_every is None but reset_every is set: a reset needs a merge")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}; got {self.frozen_dtype!r}")
         if self.target_modules is not None and (
             isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules)
         ):
