@@ -1,5 +1,7 @@
 """Shared fixtures: tiny models built from configs, CPU only, seeds fixed."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -56,3 +58,22 @@ def run_config(data, out, **overrides):
                   eval_every=20, eval_tokens=1024, save_every=0, log_every=1, device="cpu")
     values.update(overrides)
     return resolve_config(overrides=values)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and on a busy machine (another
+    job on every core) each of their many small ops waits for a second thread's time slice
+    (measured: a 0.4 s fine-tuning test took 120 s with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def single_thread():
+    with one_thread():
+        yield

@@ -17,12 +17,28 @@ def code_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
 
 
-def test_readme_python_example_runs():
-    (example,) = code_blocks("python")
+def python_example(marker: str) -> str:
+    (block,) = [b for b in code_blocks("python") if marker in b]
+    return block
+
+
+def test_readme_python_example_runs(single_thread):
+    example = python_example("relora.ReLoRA(")
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     controller, dense = namespace["controller"], namespace["dense"]
     assert controller.restarts == 2
+    assert type(dense).__name__ == "LlamaForCausalLM"
+    assert not any("lora" in name for name, _ in dense.named_parameters())
+
+
+def test_readme_trainer_example_runs(tmp_path, monkeypatch, single_thread):
+    monkeypatch.chdir(tmp_path)  # the example writes its checkpoints to ./trainer-out
+    namespace: dict = {}
+    exec(compile(python_example("relora.ReLoRACallback("), "README.md", "exec"), namespace)
+    callback, dense = namespace["callback"], namespace["dense"]
+    assert [(e.step, e.restarted) for e in callback.events] == [(10, True), (20, True)]
+    assert (tmp_path / "trainer-out" / "checkpoint-30" / "trainer_state.json").is_file()
     assert type(dense).__name__ == "LlamaForCausalLM"
     assert not any("lora" in name for name, _ in dense.named_parameters())
 

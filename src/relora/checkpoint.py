@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def save_checkpoint(
     final = checkpoints_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / "model.safetensors")
+        # save_model stores tied weights (GPT-2's head is its embedding) once; save_file refuses them.
+        save_model(model, str(tmp / "model.safetensors"))
         torch.save({**states, "rng": rng_state()}, tmp / "states.pt")
         _write_json(tmp / "trainer_state.json", trainer_state)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -138,7 +138,7 @@ def read_config(path: Path) -> dict:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load ``model.safetensors`` into ``model`` (strict: every key must match)."""
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    load_model(model, str(path / "model.safetensors"), strict=True)  # restores tied weights from their one copy
 
 
 def load_states(path: Path) -> dict:

@@ -92,6 +92,9 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     for flag, (name, _) in ABLATIONS.items():
         if getattr(args, flag[2:].replace("-", "_"), False):
             given[name] = False
+    for name in ("wandb", "wandb_project"):  # train only: TRAIN_FLAGS are shared with compare
+        if name in vars(args):
+            given[name] = getattr(args, name)
     return given
 
 
@@ -185,6 +188,24 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------- finetune
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from relora.finetune import FinetuneConfig, finetune
+
+    names = {f.name for f in fields(FinetuneConfig)}
+    config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})  # absent flags: the defaults
+    if args.no_progress:
+        _quiet_transformers()
+    result = finetune(config)
+    m = result.metrics
+    print(f"{config.method}: accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  MCC {m['mcc']:.4f}  "
+          f"({result.restarts} restarts, {result.merges} merges)")
+    print(f"wrote {result.out / 'metrics.json'} and {result.out / 'model'} (dense classifier, adapters merged)")
+    return 0
 
 
 # ---------------------------------------------------------------- eval / export
@@ -348,9 +369,39 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(flag, type=kind, help=text)
     for flag, (_, text) in ABLATIONS.items():
         t.add_argument(flag, action="store_true", help=text)
+    t.add_argument("--wandb", action="store_true", help="also log metrics to Weights & Biases (pip install wandb)")
+    t.add_argument("--wandb-project", help="Weights & Biases project (default: relora)")
     t.add_argument("--resume", action="store_true", default=False, help="continue the latest checkpoint of --out")
     t.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("finetune", help="fine-tune a classifier with LoRA or ReLoRA (GLUE-style)",
+                       description="Fine-tune a local model directory as a sequence classifier on a CSV, TSV or "
+                                   "JSONL file of text,label or text_a,text_b,label rows; report accuracy, F1 and "
+                                   "Matthews correlation; write OUT/metrics.json and the merged model OUT/model.",
+                       argument_default=argparse.SUPPRESS)
+    f.add_argument("data", metavar="TRAIN_FILE", help="training examples (.csv, .tsv with a header row, or .jsonl)")
+    f.add_argument("--model", required=True, help="local model directory (a causal LM or classifier)")
+    f.add_argument("--out", required=True, help="output directory (must be empty or new)")
+    f.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    f.add_argument("--val-file", help="validation examples (default: hold out --val-fraction of TRAIN_FILE)")
+    f.add_argument("--val-fraction", type=float, help="fraction held out for validation (default 0.1)")
+    f.add_argument("--text-columns", type=lambda text: [c.strip() for c in text.split(",")],
+                   help="one or two comma-separated text columns (default: text, or text_a,text_b)")
+    f.add_argument("--label-column", help="the label column (default: label)")
+    f.add_argument("--method", choices=["lora", "relora"], help="relora (default): restarts every --reset-every")
+    f.add_argument("--rank", type=int, help="adapter rank (default 8)")
+    f.add_argument("--alpha", type=float, help="adapter alpha, scale = alpha / rank (default 16)")
+    f.add_argument("--reset-every", type=int, help="steps between ReLoRA restarts (default 100)")
+    f.add_argument("--restart-warmup-steps", type=int, help="LR re-warmup after a restart (default reset-every/10)")
+    f.add_argument("--epochs", type=int, help="passes over the training data (default 3)")
+    f.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    f.add_argument("--batch-size", type=int, help="examples per step (default 16)")
+    f.add_argument("--max-length", type=int, help="tokens per example, longer ones truncated (default 128)")
+    f.add_argument("--seed", type=int, help="seed of the split, data order and head init (default 0)")
+    f.add_argument("--device", help="auto (default), cpu, cuda")
+    f.add_argument("--no-progress", action="store_true", default=False, help="no transformers progress bars")
+    f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser("eval", help="validation loss and perplexity of a model")
     e.add_argument("--model", required=True, help="Hugging Face model directory or relora checkpoint")

@@ -76,6 +76,8 @@ class TrainConfig:
     jagged: bool = True
     warm_start: bool = True
     device: str = "auto"
+    wandb: bool = False  # log metrics to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str | None = None  # None = "relora"
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -106,6 +108,10 @@ class TrainConfig:
         if self.method == "online-relora" and self.merge_every is None:
             raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
         self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals)
+        if self.wandb:
+            from relora.tracking import check_wandb_installed
+
+            check_wandb_installed()
 
     @property
     def sequences_per_step(self) -> int:

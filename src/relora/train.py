@@ -34,6 +34,7 @@ from relora.evaluation import evaluate, lm_loss, perplexity
 from relora.models import ConfigError, build_model, control_model_config, count_parameters, llama_config, load_pretrained
 from relora.run_config import TrainConfig
 from relora.schedule import jagged_cosine_scheduler
+from relora.tracking import finish_wandb, log_wandb, start_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def model_from_checkpoint(path: Path) -> nn.Module:
     """Rebuild a checkpoint's model and return it dense (adapters merged)."""
     saved = TrainConfig(**ckpt.read_config(path))
     state = ckpt.read_trainer_state(path)
-    saved.init_from = None  # the weights come from the checkpoint
+    # init_from is kept for the architecture (a GPT-2 run is no preset LLaMA); the weights come from the checkpoint
     model = make_model(saved, state["vocab_size"])
     if state["wrapped"]:
         wrap(model, saved.relora_config())
@@ -242,6 +243,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
     from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state["step"] or None)
+    tracker = start_wandb(cfg)  # None unless cfg.wandb
     tokens_per_step = cfg.sequences_per_step * cfg.seq_len
     eval_windows = max(1, cfg.eval_tokens // cfg.seq_len)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -323,6 +325,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                         writer.add_scalar(key, value, step)
+                log_wandb(tracker, record)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop.requested:
                 save()
             if stop.requested:
@@ -330,6 +333,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
                 break
     bar.close()
     writer.close()
+    finish_wandb(tracker)
 
     interrupted = state["step"] < cfg.steps
     trainable, total = count_parameters(model)  # before export, which removes the adapters
