@@ -19,6 +19,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from relora import sharding
 from relora.config import ReLoRAConfig
 
 ADAPTER = "default"
@@ -88,9 +89,12 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
 
 
 def delta_weight(layer: LoraLayer) -> torch.Tensor:
-    """s * B @ A in float32, laid out like the base weight: the one place it is computed."""
-    a = layer.lora_A[ADAPTER].weight.float()
-    b = layer.lora_B[ADAPTER].weight.float()
+    """s * B @ A in float32, laid out like the base weight: the one place it is computed.
+
+    Whole on every rank, also when A and B are sharded (they are small).
+    """
+    a = sharding.full(layer.lora_A[ADAPTER].weight).float()
+    b = sharding.full(layer.lora_B[ADAPTER].weight).float()
     delta = (b @ a) * layer.scaling[ADAPTER]
     return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
@@ -100,11 +104,11 @@ def merge_layer(layer: LoraLayer) -> None:
     """W <- W + s B A, summed in float32 and rounded once to W's dtype, in place.
 
     In place on the same tensor object, so the optimizer and any DDP/FSDP
-    references stay valid.
+    references stay valid. A sharded W gets the slice of the delta it holds.
     """
     weight = base_weight(layer)
-    merged = weight.float() + delta_weight(layer).to(weight.device)
-    weight.copy_(merged)
+    part = sharding.local(weight)
+    part.copy_(part.float() + sharding.local_part(delta_weight(layer), weight))
 
 
 @torch.no_grad()
@@ -121,7 +125,7 @@ def reinit_adapters(model: nn.Module, seed: int) -> None:
         a = layer.lora_A[ADAPTER].weight
         values = torch.empty(a.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
-        a.copy_(values)
+        sharding.assign_(a, values)  # a sharded A keeps its slice of the same whole matrix
         layer.lora_B[ADAPTER].weight.zero_()
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 import torch
 
+from relora import sharding
+
 PRUNE_METHODS = ("magnitude", "random", "full", "none", "independent")
 
 
@@ -24,9 +26,9 @@ def _topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask.view_as(scores)
 
 
-def _random_mask(shape: torch.Size, ratio: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _random_mask(shape: torch.Size, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
     """Each entry kept with probability 1 - ratio; drawn on the CPU so every rank agrees."""
-    return (torch.rand(shape, generator=generator) >= ratio).to(device)
+    return torch.rand(shape, generator=generator) >= ratio
 
 
 @torch.no_grad()
@@ -54,6 +56,10 @@ def prune_optimizer_state(
     tensors' entries that are zero in both moments afterwards, counted on the
     optimizer's own tensors, so a pruning that silently worked on a copy
     reports ~0.
+
+    Sharded moments (FSDP2 DTensors) are pruned as if whole: the mask is
+    computed on the gathered tensor, identically on every rank, and each rank
+    applies its slice of it.
     """
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {', '.join(PRUNE_METHODS)}; got {method!r}")
@@ -66,21 +72,22 @@ def prune_optimizer_state(
         if m is None or v is None:
             continue
         keep = round((1.0 - ratio) * v.numel())
+        m_part, v_part = sharding.local(m), sharding.local(v)
         if method == "magnitude":
-            mask = _topk_mask(v, keep)
-            m.mul_(mask)
-            v.mul_(mask)
+            mask = sharding.local_part(_topk_mask(sharding.full(v), keep), v)
+            m_part.mul_(mask)
+            v_part.mul_(mask)
         elif method == "random":
-            mask = _random_mask(v.shape, ratio, generator, v.device)
-            m.mul_(mask)
-            v.mul_(mask)
+            mask = sharding.local_part(_random_mask(v.shape, ratio, generator), v)
+            m_part.mul_(mask)
+            v_part.mul_(mask)
         elif method == "full":
-            m.zero_()
-            v.zero_()
+            m_part.zero_()
+            v_part.zero_()
         elif method == "independent":
-            m.mul_(_topk_mask(m.abs(), keep))
-            v.mul_(_topk_mask(v, keep))
+            m_part.mul_(sharding.local_part(_topk_mask(sharding.full(m).abs(), keep), m))
+            v_part.mul_(sharding.local_part(_topk_mask(sharding.full(v), keep), v))
         if method != "none":
-            zeroed += int(((m == 0) & (v == 0)).sum())
+            zeroed += sharding.count_zero_in_both(m, v)
             total += v.numel()
     return zeroed / total if total else 0.0
