@@ -1,7 +1,8 @@
 """Checkpoints: atomic save, find the latest complete one, load.
 
 A checkpoint is a directory ``checkpoints/step_N/`` holding the model weights
-(safetensors, adapters included), the optimizer, scheduler and controller
+(safetensors, adapters included; under FSDP2 a sharded ``dcp/`` directory of
+model and optimizer written by ``torch.distributed.checkpoint``), the optimizer, scheduler and controller
 states, RNG states, the trainer's counters (incl. the data position) and the
 resolved config. It is written into a temporary sibling, fsynced and renamed,
 and ``complete.json`` is written last inside it, so a directory without it is
@@ -17,6 +18,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 MARKER = "complete.json"
+SHARDED_DIR = "dcp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -79,36 +82,90 @@ def save_checkpoint(
     trainer_state: dict,
     config: dict,
     keep: int,
+    dist: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Write ``checkpoints_dir/step_{step}`` atomically; keep only the newest ``keep``.
 
-    ``states`` holds the optimizer / scheduler / controller state dicts (saved
-    with torch.save); ``trainer_state`` is JSON (step, tokens, data position).
+    ``states`` holds the scheduler / controller (and, unsharded, optimizer)
+    state dicts (saved with torch.save); ``trainer_state`` is JSON (step,
+    tokens, data position). With a ``relora.distributed.Dist`` every rank
+    calls this: an FSDP2 model and its ``optimizer`` are saved sharded with
+    ``torch.distributed.checkpoint`` by all ranks into ``dcp/`` (loadable at
+    any world size); everything else is written by rank 0 alone (under DDP
+    every rank holds the same weights).
     """
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    sharded = dist is not None and dist.sharded
+    main = dist is None or dist.is_main
     final = checkpoints_dir / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
+    tmp = None
+    if main:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
+    if sharded:
+        tmp = dist.broadcast_object(tmp)
     try:
-        # save_model stores tied weights (GPT-2's head is its embedding) once; save_file refuses them.
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({**states, "rng": rng_state()}, tmp / "states.pt")
-        _write_json(tmp / "trainer_state.json", trainer_state)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        for name in ("model.safetensors", "states.pt", "config.yaml"):
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        _write_json(tmp / MARKER, {"step": step, "files": sorted(p.name for p in tmp.iterdir())})
-        _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. final save after a periodic one)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        if sharded:
+            _save_sharded(model, optimizer, tmp / SHARDED_DIR)
+            dist.barrier()  # every rank's shards are on disk before rank 0 marks the checkpoint complete
+        if main:
+            if not sharded:
+                # save_model stores tied weights (GPT-2's head is its embedding) once; save_file refuses them.
+                save_model(model, str(tmp / "model.safetensors"))
+            torch.save({**states, "rng": rng_state()}, tmp / "states.pt")
+            _write_json(tmp / "trainer_state.json", trainer_state)
+            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            _fsync_tree(tmp)
+            _write_json(tmp / MARKER, {"step": step, "files": sorted(p.name for p in tmp.iterdir())})
+            _fsync_dir(tmp)
+            if final.exists():  # a re-save of the same step (e.g. final save after a periodic one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(checkpoints_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(checkpoints_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        for old in list_checkpoints(checkpoints_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist is not None:
+        dist.barrier()  # nobody reads or prunes checkpoints while rank 0 is still renaming
     return final
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+
+
+def _save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: Path) -> None:
+    """Every rank writes its shards of the model and optimizer (FQN-keyed, so any world size can load them)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` holds FSDP2 shards (``dcp/``) rather than one safetensors file."""
+    return (path / SHARDED_DIR).is_dir()
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore a sharded model and optimizer from ``path/dcp``; the world size may differ from the save's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -137,7 +194,19 @@ def read_config(path: Path) -> dict:
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load ``model.safetensors`` into ``model`` (strict: every key must match)."""
+    """Load a checkpoint's weights into an unsharded ``model`` (strict: every key must match).
+
+    A sharded (FSDP2) checkpoint is read whole by one process: DCP reshards on load.
+    """
+    if is_sharded(path):
+        import torch.distributed.checkpoint as dcp
+
+        weights = model.state_dict()
+        with warnings.catch_warnings():  # loading in one process is the intent here, not an accident
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load({"model": weights}, checkpoint_id=str(path / SHARDED_DIR))
+        model.load_state_dict(weights, strict=True)
+        return
     load_model(model, str(path / "model.safetensors"), strict=True)  # restores tied weights from their one copy
 
 

@@ -77,6 +77,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--seed": (int, "random seed (model init, data order, adapter init)"),
     "--vocab-size": (int, "tokenizer vocabulary when the default corpus is prepared"),
     "--device": (str, "auto (default), cpu, cuda, cuda:N"),
+    "--distributed": (str, "under torchrun: ddp (default, DistributedDataParallel) or fsdp (FSDP2 sharding)"),
+    "--dist-timeout-s": (float, "seconds a collective may wait before the job fails (a rank died or hangs)"),
     "--cache-dir": (str, "where the default corpus is prepared (default: ~/.cache/relora)"),
 }
 ABLATIONS = {
@@ -152,15 +154,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"run directory {out} is not empty; pass --resume to continue it or choose another --out")
         if config.data is None:
-            config.data = str(prepare_default_corpus(config.cache_dir, config.vocab_size, progress=not args.no_progress))
+            config.data = str(_default_corpus(config, progress=not args.no_progress))
         config.validate()
-    print(yaml.safe_dump({"config": config.to_dict()}, sort_keys=False), end="", flush=True)
+    from relora.distributed import env_rank
+
+    main_rank = env_rank() == 0
+    if main_rank:
+        print(yaml.safe_dump({"config": config.to_dict()}, sort_keys=False), end="", flush=True)
     if args.no_progress:
         _quiet_transformers()
     with logging_redirect_tqdm():
         summary = train(config, resume=args.resume, progress=not args.no_progress)
-    print(_format_summary(summary))
+    if main_rank:
+        print(_format_summary(summary))
     return 130 if summary.interrupted else 0
+
+
+def _default_corpus(config, *, progress: bool) -> Path:
+    """Prepare the default corpus once: under torchrun rank 0 prepares it, the others wait for it to appear.
+
+    (No process group exists yet here; the prepared directory appears
+    atomically, so waiting for its meta.json is enough.)
+    """
+    from relora.data import prepare_default_corpus
+    from relora.data.store import default_data_dir
+    from relora.distributed import env_rank
+    from relora.models import ConfigError
+
+    if env_rank() == 0:
+        return prepare_default_corpus(config.cache_dir, config.vocab_size, progress=progress)
+    target = default_data_dir(config.cache_dir, config.vocab_size)
+    deadline = time.monotonic() + config.dist_timeout_s
+    while not (target / "meta.json").is_file():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"rank 0 did not prepare {target} within {config.dist_timeout_s:.0f} s; "
+                              "prepare it first with relora prepare and pass --data")
+        time.sleep(1.0)
+    return target
 
 
 def _format_summary(s) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +28,33 @@ def evaluate(
     micro_batch: int,
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> float:
     """Mean loss over the first ``num_windows`` sequential validation windows.
 
     The same windows at every evaluation, so curves are comparable across steps
-    and runs on the same prepared data.
+    and runs on the same prepared data. With several processes each evaluates
+    an equal share (``num_windows`` rounded down to a multiple of
+    ``world_size``: a sharded model needs every rank in every forward pass) and
+    ``reduce`` sums the totals across them.
     """
     num_windows = min(num_windows, len(windows))
+    share = max(num_windows // world_size, 1)
     was_training = model.training
     model.eval()
     total = 0.0
-    for start in range(0, num_windows, micro_batch):
-        batch = windows.get(range(start, min(start + micro_batch, num_windows))).to(device)
+    first = rank * share
+    for start in range(first, first + share, micro_batch):
+        batch = windows.get(range(start, min(start + micro_batch, first + share))).to(device)
         with autocast or contextlib.nullcontext():
             total += lm_loss(model, batch).item() * batch.shape[0]
     model.train(was_training)
-    return total / num_windows
+    count = float(share)
+    if reduce is not None:
+        total, count = reduce([total, count])
+    return total / count
 
 
 def perplexity(loss: float) -> float:

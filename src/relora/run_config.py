@@ -26,8 +26,9 @@ RESUME_INCOMPATIBLE = (
     "reset_every", "merge_every", "restart_warmup_steps", "rank", "alpha", "dropout", "target_modules",
     "prune", "prune_ratio", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
     "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
-    "restarts", "optimizer_reset", "jagged", "warm_start",
+    "restarts", "optimizer_reset", "jagged", "warm_start", "distributed",
 )
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -76,6 +77,8 @@ class TrainConfig:
     jagged: bool = True
     warm_start: bool = True
     device: str = "auto"
+    distributed: str = "ddp"  # under torchrun: DistributedDataParallel, or "fsdp" (FSDP2, fully_shard)
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this ends the job (a rank died or hangs)
     wandb: bool = False  # log metrics to Weights & Biases (needs `pip install wandb`)
     wandb_project: str | None = None  # None = "relora"
 
@@ -83,6 +86,10 @@ class TrainConfig:
         """Raise ConfigError naming the first bad field."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise ConfigError(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {self.distributed!r}")
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s!r}")
         if self.sampling not in ("sequential", "random"):
             raise ConfigError(f"sampling must be 'sequential' or 'random', got {self.sampling!r}")
         for name in ("steps", "batch_tokens", "micro_batch", "seq_len", "eval_tokens", "log_every", "keep_checkpoints"):
@@ -119,7 +126,22 @@ class TrainConfig:
 
     @property
     def grad_accumulation(self) -> int:
-        return self.sequences_per_step // self.micro_batch
+        return self.micro_steps(1)
+
+    def micro_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each of ``world_size`` processes.
+
+        The global batch (``batch_tokens``) is what the config says whatever
+        the world size; gradient accumulation absorbs the difference.
+        """
+        per_pass = self.micro_batch * world_size
+        if self.sequences_per_step % per_pass:
+            raise ConfigError(
+                f"the global batch of {self.sequences_per_step} sequences (batch_tokens / seq_len) cannot be split "
+                f"into {world_size} process(es) x micro-batch {self.micro_batch}; choose --micro-batch and "
+                f"--nproc-per-node whose product divides {self.sequences_per_step}"
+            )
+        return self.sequences_per_step // per_pass
 
     @property
     def relora_phase_start(self) -> int:
@@ -211,4 +233,5 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
 
 def incompatible_changes(saved: dict, current: dict) -> list[str]:
     """Fields that differ between a saved run config and a resume's config."""
-    return [k for k in RESUME_INCOMPATIBLE if saved.get(k) != current.get(k)]
+    defaults = TrainConfig().to_dict()  # a key missing from an older run's config had its default
+    return [k for k in RESUME_INCOMPATIBLE if saved.get(k, defaults[k]) != current.get(k)]

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from relora import checkpoint as ckpt
+from relora import distributed, sharding
 from relora.adapters import unwrap, wrap
 from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
+from relora.distributed import Dist
 from relora.evaluation import evaluate, lm_loss, perplexity
 from relora.models import ConfigError, build_model, control_model_config, count_parameters, llama_config, load_pretrained
 from relora.run_config import TrainConfig
@@ -158,23 +160,23 @@ def model_from_checkpoint(path: Path) -> nn.Module:
 
 
 def build_phase(
-    cfg: TrainConfig, model: nn.Module, *, wrapped: bool, previous: torch.optim.Optimizer | None = None
+    cfg: TrainConfig, model: nn.Module, *, wrapped: bool, previous: dict[str, dict] | None = None
 ) -> _Phase:
     """Optimizer, schedule and controller of the warm-start phase or, ``wrapped``, of the adapter phase.
 
     At the switch to ReLoRA the optimizer is rebuilt over the new trainable set;
     parameters that stay trainable (embeddings, norms, head) keep their Adam
-    state, adapters start empty (spec section 6). The schedule continues the
-    same envelope: it is not restarted by the switch.
+    state (``previous``: state by parameter name, from ``optimizer_state_by_name``),
+    adapters start empty (spec section 6). The schedule continues the same
+    envelope: it is not restarted by the switch.
     """
     relora_cfg = cfg.relora_config()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2),
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
-    if previous is not None:
-        for p in params:
-            if p in previous.state:
-                optimizer.state[p] = previous.state[p]
+    for name, param in named:
+        if previous and name in previous:
+            optimizer.state[param] = {k: _like_param(v, param) for k, v in previous[name].items()}
     controller = None
     restart_steps: list[int] = []
     restart_warmup = 0
@@ -188,6 +190,64 @@ def build_phase(
         start_step=cfg.relora_phase_start if wrapped else 0,
     )
     return _Phase(optimizer, scheduler, controller if wrapped else None, wrapped)
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, *, whole: bool) -> dict[str, dict]:
+    """The optimizer's per-parameter state keyed by parameter name; ``whole`` gathers sharded tensors."""
+    by_name = {}
+    for name, param in model.named_parameters():
+        if param in optimizer.state:
+            state = optimizer.state[param]
+            by_name[name] = {k: sharding.full(v) if whole and torch.is_tensor(v) else v for k, v in state.items()}
+    return by_name
+
+
+def _like_param(value: object, param: torch.Tensor) -> object:
+    """A moment saved whole, laid out like ``param`` (sharded the same way); other state as is."""
+    if torch.is_tensor(value) and sharding.is_sharded(param) and value.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    return value
+
+
+def switch_to_adapters(cfg: TrainConfig, model: nn.Module, phase: _Phase, dist: Dist,
+                       vocab_size: int) -> tuple[nn.Module, nn.Module, _Phase]:
+    """End of the warm start: wrap the model with adapters and rebuild engine and optimizer.
+
+    DDP registers its parameters when it is built, so it is rebuilt around the
+    wrapped model. FSDP2 shards parameters in place, so the warm-started
+    weights are gathered, a fresh model is wrapped and sharded, and the Adam
+    state of the parameters that stay trainable is re-sharded onto it.
+    """
+    previous = optimizer_state_by_name(model, phase.optimizer, whole=dist.sharded)
+    if dist.sharded:
+        weights = dist.full_state_dict(model)
+        model = make_model(cfg, vocab_size)
+        model.load_state_dict(weights)
+    wrap(model, cfg.relora_config())
+    model.to(dist.device)
+    engine = dist.parallelize(model)
+    return model, engine, build_phase(cfg, model, wrapped=True, previous=previous)
+
+
+def gathered_model(cfg: TrainConfig, model: nn.Module, dist: Dist, *, vocab_size: int,
+                   wrapped: bool) -> nn.Module | None:
+    """On rank 0 the whole model (under FSDP2 a CPU copy rebuilt from the gathered weights); None elsewhere.
+
+    A collective under FSDP2: every rank must call it.
+    """
+    if not dist.sharded:
+        return model if dist.is_main else None
+    weights = dist.full_state_dict(model)
+    if not dist.is_main:
+        return None
+    copy = make_model(cfg, vocab_size)
+    if wrapped:
+        wrap(copy, cfg.relora_config())
+    copy.load_state_dict(weights)
+    return copy
 
 
 def data_order(cfg: TrainConfig, windows: TokenWindows) -> np.ndarray | None:
@@ -204,11 +264,23 @@ def data_order(cfg: TrainConfig, windows: TokenWindows) -> np.ndarray | None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
-    """Run (or resume) a training run described by ``cfg`` into ``cfg.out``."""
+    """Run (or resume) a training run described by ``cfg`` into ``cfg.out``.
+
+    Under torchrun every rank calls this; only rank 0 writes the run directory.
+    """
+    dist = distributed.setup(cfg.distributed, pick_device(cfg.device), cfg.dist_timeout_s)
+    try:
+        return _train(cfg, dist, resume=resume, progress=progress)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> RunSummary:
     run_dir, checkpoints = Path(cfg.out), Path(cfg.out) / "checkpoints"
-    device = pick_device(cfg.device)
+    device, main = dist.device, dist.is_main
     autocast = autocast_for(device)
     relora_cfg = cfg.relora_config()
+    micro_steps = cfg.micro_steps(dist.world_size)
     data = load_prepared(cfg.data)
     train_windows = TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split")
     val_windows = TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
@@ -216,18 +288,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
 
     model = make_model(cfg, data.vocab_size)
     state = {"step": 0, "tokens": 0, "wall_s": 0.0, "skipped_steps": 0, "wrapped": False,
-             "vocab_size": data.vocab_size}
-    restored = ckpt.latest_checkpoint(checkpoints) if resume else None
+             "vocab_size": data.vocab_size, "world_size": dist.world_size}
+    restored = dist.broadcast_object(ckpt.latest_checkpoint(checkpoints) if resume else None)
     if restored is not None:
-        state = ckpt.read_trainer_state(restored)
+        state = {**ckpt.read_trainer_state(restored), "world_size": dist.world_size}
         if state["wrapped"]:
             wrap(model, relora_cfg)
-        ckpt.load_weights(model, restored)
+        if not ckpt.is_sharded(restored):
+            ckpt.load_weights(model, restored)
     model.to(device).train()
+    engine = dist.parallelize(model)  # what forward/backward run on; ``model`` is what the math works on
     phase = build_phase(cfg, model, wrapped=state["wrapped"])
     if restored is not None:
         saved = ckpt.load_states(restored)
-        phase.optimizer.load_state_dict(saved["optimizer"])
+        if ckpt.is_sharded(restored):
+            ckpt.load_sharded(restored, model, phase.optimizer)
+        else:
+            phase.optimizer.load_state_dict(saved["optimizer"])
         phase.scheduler.load_state_dict(saved["scheduler"])
         if phase.controller is not None:
             phase.controller.load_state_dict(saved["controller"])
@@ -235,16 +312,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
         logger.info("resumed from %s (step %d)", restored, state["step"])
     elif resume:
         logger.warning("no complete checkpoint in %s: starting from step 0", checkpoints)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, state["step"])
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        _truncate_metrics(metrics_path, state["step"])
 
     from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state["step"] or None)
-    tracker = start_wandb(cfg)  # None unless cfg.wandb
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state["step"] or None) if main else None
+    tracker = start_wandb(cfg) if main else None  # None unless cfg.wandb
     tokens_per_step = cfg.sequences_per_step * cfg.seq_len
+    rank_sequences = cfg.sequences_per_step // dist.world_size
     eval_windows = max(1, cfg.eval_tokens // cfg.seq_len)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     run_start = time.perf_counter() - state["wall_s"]
@@ -252,38 +331,53 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
 
     def save() -> Path:
         state["wall_s"] = time.perf_counter() - run_start
-        states = {"optimizer": phase.optimizer.state_dict(), "scheduler": phase.scheduler.state_dict()}
+        states = {"scheduler": phase.scheduler.state_dict()}
+        if not dist.sharded:
+            states["optimizer"] = phase.optimizer.state_dict()
         if phase.controller is not None:
             states["controller"] = phase.controller.state_dict()
         return ckpt.save_checkpoint(checkpoints, state["step"], model=model, states=states,
-                                    trainer_state=state, config=cfg.to_dict(), keep=cfg.keep_checkpoints)
+                                    trainer_state=state, config=cfg.to_dict(), keep=cfg.keep_checkpoints,
+                                    dist=dist if dist.active else None, optimizer=phase.optimizer)
 
-    bar = _progress_bar(cfg.steps, state["step"], progress)
-    with _StopOnSignal() as stop, open(metrics_path, "a") as metrics:
+    def save_reference() -> None:
+        dense = gathered_model(cfg, model, dist, vocab_size=data.vocab_size, wrapped=phase.wrapped)
+        if dense is not None:
+            save_dense(dense, None, run_dir / "reference")
+        dist.barrier()
+
+    bar = _progress_bar(cfg.steps, state["step"], progress and main)
+    metrics = open(metrics_path, "a") if main else contextlib.nullcontext()
+    with _StopOnSignal() as stop, metrics:
         while state["step"] < cfg.steps:
             step = state["step"]
             if step == reference_step(cfg):
-                save_dense(model, None, run_dir / "reference")
+                save_reference()
             if relora_cfg is not None and step == cfg.relora_phase_start and not phase.wrapped:
-                wrap(model, relora_cfg)
-                model.to(device)
-                phase = build_phase(cfg, model, wrapped=True, previous=phase.optimizer)
+                del engine  # DDP's hooks on the old parameter set go with it
+                model, engine, phase = switch_to_adapters(cfg, model, phase, dist, data.vocab_size)
                 state["wrapped"] = True
                 logger.info("step %d: switched to %s (%s)", step, cfg.method, _param_counts(model))
 
             lr = phase.optimizer.param_groups[0]["lr"]
             loss_sum = 0.0
-            for micro in range(cfg.grad_accumulation):
-                first = step * cfg.sequences_per_step + micro * cfg.micro_batch
+            for micro in range(micro_steps):
+                # this rank's slice of the step's global batch: the same sequences whatever the world size
+                first = step * cfg.sequences_per_step + dist.rank * rank_sequences + micro * cfg.micro_batch
                 ids = np.arange(first, first + cfg.micro_batch)
                 batch = train_windows.get(order[ids] if order is not None else ids).to(device)
-                with autocast:
-                    loss = lm_loss(model, batch)
-                (loss / cfg.grad_accumulation).backward()
+                with dist.gradient_sync(engine, enabled=micro == micro_steps - 1):
+                    with autocast:
+                        loss = lm_loss(engine, batch)
+                    (loss / micro_steps).backward()
                 loss_sum += loss.item()
             trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-            if math.isfinite(grad_norm) and math.isfinite(loss_sum):
+            grad_norm = float(sharding.full(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)))
+            # one collective per step: the global mean loss, and whether any rank was asked to stop
+            loss_total, stops = dist.all_reduce([loss_sum, float(stop.requested)])
+            step_loss = loss_total / (micro_steps * dist.world_size)
+            stop_now = stops > 0
+            if math.isfinite(grad_norm) and math.isfinite(step_loss):
                 phase.optimizer.step()
             else:  # a non-finite loss or gradient: skip the update, keep the run alive
                 state["skipped_steps"] += 1
@@ -294,7 +388,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
             state["tokens"] += tokens_per_step
             event = phase.controller.step(step) if phase.controller is not None else None
 
-            window_loss += loss_sum / cfg.grad_accumulation
+            window_loss += step_loss
             window_steps += 1
             bar.update(1)
             record = None
@@ -303,7 +397,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
                 record = {
                     "step": step, "tokens": state["tokens"], "loss": window_loss / window_steps, "lr": lr,
                     "grad_norm": grad_norm, "tokens_per_s": window_steps * tokens_per_step / elapsed,
-                    "peak_mem_bytes": peak_memory_bytes(device),
+                    "peak_mem_bytes": int(dist.all_reduce([peak_memory_bytes(device)], op="max")[0]),
                     "restarts": phase.controller.restarts if phase.controller else 0,
                     "merges": phase.controller.merges if phase.controller else 0,
                     "pruned_fraction": phase.controller.last_pruned_fraction if phase.controller else None,
@@ -314,42 +408,48 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 val_loss = evaluate(model, val_windows, num_windows=eval_windows, micro_batch=cfg.micro_batch,
-                                    device=device, autocast=autocast)
+                                    device=device, autocast=autocast, rank=dist.rank, world_size=dist.world_size,
+                                    reduce=dist.all_reduce)
                 record = record or {"step": step, "tokens": state["tokens"]}
                 record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
                 state["val_loss"] = val_loss
                 window_start = time.perf_counter()  # evaluation time is not training throughput
-            if record is not None:
+            if record is not None and main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
                         writer.add_scalar(key, value, step)
                 log_wandb(tracker, record)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop.requested:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop_now:
                 save()
-            if stop.requested:
+            if stop_now:
                 summary_notes.append(f"interrupted at step {step}; continue with --resume")
                 break
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
     finish_wandb(tracker)
 
     interrupted = state["step"] < cfg.steps
     trainable, total = count_parameters(model)  # before export, which removes the adapters
     if not interrupted:
-        export_dense(model, data.tokenizer(), run_dir / "final")
+        dense = gathered_model(cfg, model, dist, vocab_size=data.vocab_size, wrapped=phase.wrapped)
+        if dense is not None:
+            export_dense(dense, data.tokenizer(), run_dir / "final")
     summary = RunSummary(
         run_dir=run_dir, method=cfg.method, steps=state["step"], tokens=state["tokens"],
         wall_s=time.perf_counter() - run_start, trainable_params=trainable, total_params=total,
         restarts=phase.controller.restarts if phase.controller else 0,
         merges=phase.controller.merges if phase.controller else 0,
-        peak_mem_bytes=peak_memory_bytes(device), val_loss=state.get("val_loss"),
+        peak_mem_bytes=int(dist.all_reduce([peak_memory_bytes(device)], op="max")[0]),
+        val_loss=state.get("val_loss"),
         val_ppl=perplexity(state["val_loss"]) if "val_loss" in state else None,
         skipped_steps=state["skipped_steps"], interrupted=interrupted, notes=summary_notes,
     )
-    if not interrupted:  # written last: its presence means the run finished (relora compare relies on it)
+    if not interrupted and main:  # written last: its presence means the run finished (relora compare relies on it)
         ckpt.write_json_atomic(run_dir / "summary.json", summary.to_dict())
+    dist.barrier()
     return summary
 
 
