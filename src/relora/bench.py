@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from relora.costs import METHODS, CostModel
-from relora.models import ConfigError, build_model, count_parameters, llama_config, load_preset
+from relora.models import ConfigError, build_model, check_device, count_parameters, llama_config, load_preset
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +50,17 @@ class BenchSetup:
                     micro_batch: int | None = None, device: str = "auto", frozen_dtype: str | None = None,
                     vocab_size: int | None = None) -> BenchSetup:
         train = load_preset(preset)["train"]
+        check_device(device)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         setup = cls(
             preset=preset,
-            rank=rank or train.get("rank", 128),
-            seq_len=seq_len or train.get("seq_len", 256),
-            micro_batch=micro_batch or (train.get("micro_batch", 1) if device.startswith("cuda") else 1),
-            vocab_size=vocab_size or train.get("vocab_size", DEFAULT_VOCAB),
+            # `is None`, not `or`: an explicit 0 is an error to report, not a request for the default
+            rank=train.get("rank", 128) if rank is None else rank,
+            seq_len=train.get("seq_len", 256) if seq_len is None else seq_len,
+            micro_batch=(train.get("micro_batch", 1) if device.startswith("cuda") else 1) if micro_batch is None
+            else micro_batch,
+            vocab_size=train.get("vocab_size", DEFAULT_VOCAB) if vocab_size is None else vocab_size,
             device=device,
             frozen_dtype=frozen_dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
         )

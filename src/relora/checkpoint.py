@@ -11,6 +11,7 @@ never taken for a checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -101,6 +102,8 @@ def save_checkpoint(
     tmp = None
     if main:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(checkpoints_dir)
+        check_free_space(checkpoints_dir, estimate_bytes(model, states, optimizer if sharded else None))
         tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
     if sharded:
         tmp = dist.broadcast_object(tmp)
@@ -116,11 +119,9 @@ def save_checkpoint(
             _write_json(tmp / "trainer_state.json", trainer_state)
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             _fsync_tree(tmp)
-            _write_json(tmp / MARKER, {"step": step, "files": sorted(p.name for p in tmp.iterdir())})
+            _write_json(tmp / MARKER, {"step": step, "sha256": _checksums(tmp)})
             _fsync_dir(tmp)
-            if final.exists():  # a re-save of the same step (e.g. final save after a periodic one)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            _replace_dir(tmp, final)
             _fsync_dir(checkpoints_dir)
     except BaseException:
         if main:
@@ -132,6 +133,87 @@ def save_checkpoint(
     if dist is not None:
         dist.barrier()  # nobody reads or prunes checkpoints while rank 0 is still renaming
     return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename ``new`` to ``final``; an existing ``final`` (a re-save of the same step) is moved aside
+    first and deleted last, so a crash at any point leaves a complete checkpoint under one of the names."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
+    """Temporary directories left by a save that was killed (never complete checkpoints)."""
+    for path in checkpoints_dir.glob(".step_*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class DiskSpaceError(ValueError):
+    """Not enough free disk space for a checkpoint (a one-line user error)."""
+
+
+def estimate_bytes(model: nn.Module, states: dict[str, Any], optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes a checkpoint will take: every tensor of the model and of the saved states (a close upper bound)."""
+
+    def tensor_bytes(value: Any) -> int:
+        if torch.is_tensor(value):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+
+    total = sum(tensor_bytes(t) for t in model.state_dict().values()) + tensor_bytes(states)
+    if optimizer is not None:
+        total += tensor_bytes(list(optimizer.state.values()))
+    return total
+
+
+def check_free_space(directory: Path, needed: int, margin: float = 1.1) -> None:
+    """Fail before writing anything when ``directory``'s file system cannot hold ``needed`` bytes."""
+    free = shutil.disk_usage(directory).free
+    if free < needed * margin:
+        raise DiskSpaceError(
+            f"not enough disk space for a checkpoint in {directory}: {free / 2**30:.2f} GiB free, about "
+            f"{needed * margin / 2**30:.2f} GiB needed; free some space (or lower --keep-checkpoints) and --resume"
+        )
+
+
+def _checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file the marker names is there with its checksum; else what is wrong, in a few words."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return f"{MARKER} is missing or unreadable"
+    expected = marker.get("sha256")
+    if not isinstance(expected, dict):  # written before checksums were recorded: trust the marker alone
+        return None
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -180,9 +262,18 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+def latest_checkpoint(checkpoints_dir: Path, *, verify: bool = False) -> Path | None:
+    """The newest complete checkpoint; with ``verify``, the newest whose files match their checksums,
+    skipping (with a warning) any newer one that is corrupt."""
     found = list_checkpoints(checkpoints_dir)
-    return found[-1] if found else None
+    if not verify:
+        return found[-1] if found else None
+    for path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is corrupt (%s): skipping it, trying the one before", path.name, problem)
+    return None
 
 
 def read_trainer_state(path: Path) -> dict:

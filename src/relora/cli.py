@@ -21,10 +21,11 @@ logger = logging.getLogger("relora")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     # imported late: `relora --help` should not pay for importing torch
+    from relora.checkpoint import DiskSpaceError
     from relora.data import DataError
     from relora.models import ConfigError
 
-    return (DataError, ConfigError)
+    return (DataError, ConfigError, DiskSpaceError)
 
 
 class UsageError(Exception):
@@ -77,6 +78,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--seed": (int, "random seed (model init, data order, adapter init)"),
     "--vocab-size": (int, "tokenizer vocabulary when the default corpus is prepared"),
     "--device": (str, "auto (default), cpu, cuda, cuda:N"),
+    "--max-bad-steps": (int, "consecutive non-finite steps (skipped) before --on-bad-steps acts (default 10)"),
+    "--on-bad-steps": (str, "rollback (to the last checkpoint with a lower LR, default) or stop"),
     "--distributed": (str, "under torchrun: ddp (default, DistributedDataParallel) or fsdp (FSDP2 sharding)"),
     "--dist-timeout-s": (float, "seconds a collective may wait before the job fails (a rank died or hangs)"),
     "--cache-dir": (str, "where the default corpus is prepared (default: ~/.cache/relora)"),
@@ -121,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from relora.data import prepare_default_corpus
     from relora.models import ConfigError
-    from relora.run_config import TrainConfig, incompatible_changes, resolve_config
+    from relora.run_config import TrainConfig, incompatible_changes, merge_model, read_config_file, resolve_config
     from relora.train import train
 
     overrides = _train_overrides(args)
@@ -131,8 +134,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.get("preset", TrainConfig.preset), overrides.get("method", TrainConfig.method))
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} holds no run to resume (no config.yaml); check --out")
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        config = TrainConfig(**{**saved, **overrides, "out": str(run_dir)})
+        saved = read_config_file(run_dir / "config.yaml")  # a damaged or foreign file: one line, not a traceback
+        values = dict(saved)
+        for layer in (read_config_file(args.config) if args.config else {}, overrides):  # as for a new run
+            for key, value in layer.items():
+                values[key] = merge_model(values.get("model", {}), value) if key == "model" else value
+        config = TrainConfig(**{**values, "out": str(run_dir)})
         _set_lr(config, lr)
         config.validate()
         changed = incompatible_changes(saved, config.to_dict())
@@ -151,6 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if config.out is None:
             config.out = str(Path("runs") / f"{config.preset}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         out = Path(config.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"run directory {out} is not a directory; choose another --out")
         if out.exists() and any(out.iterdir()):
             raise ConfigError(f"run directory {out} is not empty; pass --resume to continue it or choose another --out")
         if config.data is None:
@@ -242,11 +251,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from relora.data import TokenWindows, load_prepared
     from relora.evaluation import evaluate, perplexity
+    from relora.models import check_device
     from relora.train import autocast_for, model_from_path, pick_device
 
+    for flag in ("seq_len", "eval_tokens", "micro_batch"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    check_device(args.device)
     data = load_prepared(args.data)
     device = pick_device(args.device)
     model = model_from_path(args.model).to(device)
+    if model.get_input_embeddings().num_embeddings < data.vocab_size:
+        raise UsageError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's embedding "
+                         f"({model.get_input_embeddings().num_embeddings}); evaluate on data prepared with the "
+                         "model's tokenizer")
     windows = TokenWindows(data.val, args.seq_len, mode="sequential", name="the validation split")
     n = max(1, args.eval_tokens // args.seq_len)
     loss = evaluate(model, windows, num_windows=n, micro_batch=args.micro_batch, device=device,
@@ -268,12 +286,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError(f"{source} is neither a checkpoint nor a run directory with checkpoints")
         source = latest
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another OUT")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out} already exists and is not empty; pass --overwrite or choose another OUT")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise ConfigError(f"{out} holds the checkpoint being exported ({source}); choose an OUT outside it")
     model = model_from_checkpoint(source)
     data_dir = ckpt.read_config(source).get("data")
     tokenizer = load_prepared(data_dir).tokenizer() if data_dir and Path(data_dir, "meta.json").is_file() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
     export_dense(model, tokenizer, out)
     print(f"exported {source} -> {out}" + ("" if tokenizer else " (tokenizer not found, not included)"))
     return 0
@@ -351,8 +373,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     from relora.bench import BenchSetup, format_result, run_bench, write_json
+    from relora.costs import METHODS
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown bench method {(unknown or [args.methods])[0]!r}; --methods takes a comma-separated "
+                         f"subset of: {', '.join(METHODS)}")
+    if args.warmup < 0 or args.repeats < 1:
+        raise UsageError("--warmup must be >= 0 and --repeats >= 1")
     setup = BenchSetup.from_preset(args.preset, rank=args.rank, seq_len=args.seq_len, micro_batch=args.micro_batch,
                                    device=args.device, frozen_dtype=args.frozen_dtype, vocab_size=args.vocab_size)
     cost = setup.cost_model()
@@ -361,8 +390,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(cost.explain())
     if args.explain:
         return 0
-    if args.warmup < 0 or args.repeats < 1:
-        raise UsageError("--warmup must be >= 0 and --repeats >= 1")
     result = run_bench(setup, methods=methods, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
                        merge=args.merge, progress=lambda text: logger.info("bench: %s", text))
     print(format_result(result))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from relora.analysis import analyze_runs, write_analysis
+from relora.data import load_prepared
 from relora.models import ConfigError
 from relora.plots import plot_curves
 from relora.run_config import TrainConfig, incompatible_changes, resolve_config
@@ -186,6 +187,8 @@ def compare(
             specs.setdefault(spec.name, spec)
     configs = [resolve_run(s, runs_dir, preset=preset, config_file=config_file, overrides=overrides)
                for s in specs.values()]
+    if configs[0].data is not None:  # fail on missing or damaged data before hours of training
+        load_prepared(configs[0].data)
     for config in configs:  # fail on a mismatching run directory before hours of training
         run_state(config)
     start = time.perf_counter()

@@ -34,7 +34,7 @@ from relora.checkpoint import write_json_atomic
 from relora.config import ReLoRAConfig
 from relora.controller import ReLoRA
 from relora.metrics import classification_metrics
-from relora.models import ConfigError, count_parameters
+from relora.models import ConfigError, check_device, count_parameters
 from relora.schedule import jagged_cosine_scheduler
 from relora.train import pick_device, save_dense
 
@@ -86,6 +86,7 @@ class FinetuneConfig:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise ConfigError(f"text_columns names one or two columns, got {self.text_columns!r}")
+        check_device(self.device)
 
     @property
     def rewarm_steps(self) -> int:
@@ -330,6 +331,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and write ``metrics.json`` and ``model/`` into ``cfg.out``."""
     cfg.validate()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output directory {out} is not empty; choose another --out")
     train_examples = read_examples(cfg.data, cfg.text_columns, cfg.label_column)

@@ -230,6 +230,16 @@ def control_model_config(model_cfg: dict, vocab_size: int, rank: int) -> dict:
     return {**extra, **arch}
 
 
+def check_device(name: str) -> None:
+    """ConfigError unless ``name`` is ``auto`` or a device string torch understands (cpu, cuda, cuda:N, ...)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
 def load_pretrained(path: str | Path) -> transformers.PreTrainedModel:
     """A causal LM saved with ``save_pretrained`` in a local directory, in float32; never downloads."""
     path = Path(path)

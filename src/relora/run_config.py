@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from relora.config import ReLoRAConfig
-from relora.models import ConfigError, load_preset
+from relora.models import ConfigError, check_device, llama_config, load_preset
 
 METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora")
 ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
@@ -77,6 +77,10 @@ class TrainConfig:
     jagged: bool = True
     warm_start: bool = True
     device: str = "auto"
+    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient norm before acting
+    on_bad_steps: str = "rollback"  # "rollback" (to the last checkpoint, LR scaled down) or "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
     distributed: str = "ddp"  # under torchrun: DistributedDataParallel, or "fsdp" (FSDP2, fully_shard)
     dist_timeout_s: float = 600.0  # a collective waiting longer than this ends the job (a rank died or hangs)
     wandb: bool = False  # log metrics to Weights & Biases (needs `pip install wandb`)
@@ -84,10 +88,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
+        self._check_types()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.distributed not in DISTRIBUTED_MODES:
             raise ConfigError(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {self.distributed!r}")
+        if self.on_bad_steps not in ("rollback", "stop"):
+            raise ConfigError(f"on_bad_steps must be 'rollback' or 'stop', got {self.on_bad_steps!r}")
+        if not 0 < self.rollback_lr_factor < 1:
+            raise ConfigError(f"rollback_lr_factor must be in (0, 1), got {self.rollback_lr_factor!r}")
+        for name in ("max_bad_steps", "max_rollbacks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if not self.dist_timeout_s > 0:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s!r}")
         if self.sampling not in ("sequential", "random"):
@@ -115,10 +127,27 @@ class TrainConfig:
         if self.method == "online-relora" and self.merge_every is None:
             raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
         self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals)
+        check_device(self.device)
+        if self.model and self.init_from is None:  # the architecture, before any data is read or prepared
+            try:
+                llama_config(self.model, self.vocab_size, self.seq_len)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"invalid model settings: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
         if self.wandb:
             from relora.tracking import check_wandb_installed
 
             check_wandb_installed()
+
+    def _check_types(self) -> None:
+        """Each field holds what its annotation says (a YAML file can hold anything)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kinds = [k.strip() for k in str(f.type).split("|")]
+            if not any(_is_kind(value, kind) for kind in kinds):
+                expected = " or ".join(_KIND_NAMES[kind] for kind in kinds)
+                raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
 
     @property
     def sequences_per_step(self) -> int:
@@ -181,6 +210,20 @@ class TrainConfig:
         return asdict(self)
 
 
+_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "dict": "a mapping", "list[str]": "a list of strings", "None": "null"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether ``value`` fits one alternative of a field annotation (bool is no number; int is a float)."""
+    if kind in ("int", "float") and isinstance(value, bool):
+        return False
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict,
+                              "None": type(None)}[kind])
+
+
 FIELD_NAMES = [f.name for f in fields(TrainConfig)]
 
 
@@ -203,7 +246,7 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     _check_keys(values, str(path))
     return values
 
@@ -223,12 +266,19 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     for layer in (file_values, overrides):
         for key, value in layer.items():
             if key == "model":
-                values["model"] = {**values["model"], **value}
+                values["model"] = merge_model(values["model"], value)
             else:
                 values[key] = value
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+def merge_model(base: dict, update: Any) -> dict:
+    """A ``model:`` mapping updated by another one (a later layer of settings)."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"model must be a mapping of LlamaConfig fields (e.g. hidden_size: 512), got {update!r}")
+    return {**base, **update}
 
 
 def incompatible_changes(saved: dict, current: dict) -> list[str]:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import signal
@@ -269,13 +270,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
     Under torchrun every rank calls this; only rank 0 writes the run directory.
     """
     dist = distributed.setup(cfg.distributed, pick_device(cfg.device), cfg.dist_timeout_s)
+    rollbacks, lr_scale = 0, None
     try:
-        return _train(cfg, dist, resume=resume, progress=progress)
+        while True:
+            try:
+                return _train(cfg, dist, resume=resume, progress=progress, lr_scale=lr_scale)
+            except _TooManyBadSteps as bad:
+                checkpoint = ckpt.latest_checkpoint(Path(cfg.out) / "checkpoints", verify=True)
+                if cfg.on_bad_steps == "stop" or rollbacks >= cfg.max_rollbacks or checkpoint is None:
+                    why = ("--on-bad-steps stop" if cfg.on_bad_steps == "stop" else
+                           "no checkpoint to roll back to" if checkpoint is None else f"{rollbacks} rollbacks done")
+                    raise DivergedError(
+                        f"{cfg.max_bad_steps + 1} consecutive steps had a non-finite loss or gradient norm, up to "
+                        f"step {bad.step} ({why}); lower --lr, raise --restart-warmup-steps or check the data"
+                    ) from None
+                rollbacks, lr_scale = rollbacks + 1, bad.lr_scale * cfg.rollback_lr_factor
+                logger.warning("rollback %d: back to %s with the LR scaled by %.3g", rollbacks, checkpoint.name,
+                               lr_scale)
+                resume = True
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> RunSummary:
+class DivergedError(ConfigError):
+    """Too many non-finite steps, and no (more) rollback allowed: a one-line error."""
+
+
+class _TooManyBadSteps(Exception):
+    def __init__(self, step: int, lr_scale: float) -> None:
+        super().__init__(step)
+        self.step, self.lr_scale = step, lr_scale
+
+
+def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_scale: float | None) -> RunSummary:
+    """The run itself; ``lr_scale`` (set by a rollback) overrides the LR scale the checkpoint recorded."""
     run_dir, checkpoints = Path(cfg.out), Path(cfg.out) / "checkpoints"
     device, main = dist.device, dist.is_main
     autocast = autocast_for(device)
@@ -289,7 +317,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> Run
     model = make_model(cfg, data.vocab_size)
     state = {"step": 0, "tokens": 0, "wall_s": 0.0, "skipped_steps": 0, "wrapped": False,
              "vocab_size": data.vocab_size, "world_size": dist.world_size}
-    restored = dist.broadcast_object(ckpt.latest_checkpoint(checkpoints) if resume else None)
+    restored = dist.broadcast_object(ckpt.latest_checkpoint(checkpoints, verify=True) if resume else None)
     if restored is not None:
         state = {**ckpt.read_trainer_state(restored), "world_size": dist.world_size}
         if state["wrapped"]:
@@ -309,13 +337,16 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> Run
         if phase.controller is not None:
             phase.controller.load_state_dict(saved["controller"])
         ckpt.set_rng_state(saved["rng"])
+        target_scale = lr_scale if lr_scale is not None else state.get("lr_scale", 1.0)
+        _rescale(phase, target_scale / state.get("lr_scale", 1.0))
+        state["lr_scale"] = target_scale
         logger.info("resumed from %s (step %d)", restored, state["step"])
     elif resume:
         logger.warning("no complete checkpoint in %s: starting from step 0", checkpoints)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        _write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
         _truncate_metrics(metrics_path, state["step"])
 
     from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
@@ -346,6 +377,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> Run
             save_dense(dense, None, run_dir / "reference")
         dist.barrier()
 
+    bad_streak = 0
+    spikes = _SpikeWatch(relora_cfg.restart_warmup_steps if relora_cfg else 0)
     bar = _progress_bar(cfg.steps, state["step"], progress and main)
     metrics = open(metrics_path, "a") if main else contextlib.nullcontext()
     with _StopOnSignal() as stop, metrics:
@@ -356,6 +389,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> Run
             if relora_cfg is not None and step == cfg.relora_phase_start and not phase.wrapped:
                 del engine  # DDP's hooks on the old parameter set go with it
                 model, engine, phase = switch_to_adapters(cfg, model, phase, dist, data.vocab_size)
+                _rescale(phase, state.get("lr_scale", 1.0))
                 state["wrapped"] = True
                 logger.info("step %d: switched to %s (%s)", step, cfg.method, _param_counts(model))
 
@@ -379,15 +413,21 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> Run
             stop_now = stops > 0
             if math.isfinite(grad_norm) and math.isfinite(step_loss):
                 phase.optimizer.step()
+                bad_streak = 0
             else:  # a non-finite loss or gradient: skip the update, keep the run alive
                 state["skipped_steps"] += 1
-                logger.warning("step %d: non-finite loss or gradient norm, update skipped", step)
+                bad_streak += 1
+                logger.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row)",
+                               step, bad_streak)
+                if bad_streak > cfg.max_bad_steps:
+                    raise _TooManyBadSteps(step, state.get("lr_scale", 1.0))
             phase.optimizer.zero_grad(set_to_none=True)
             phase.scheduler.step()
             state["step"] = step = step + 1
             state["tokens"] += tokens_per_step
             event = phase.controller.step(step) if phase.controller is not None else None
 
+            spikes.observe(step, step_loss, event, phase.controller)
             window_loss += step_loss
             window_steps += 1
             bar.update(1)
@@ -453,6 +493,41 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool) -> Run
     return summary
 
 
+def _rescale(phase: _Phase, factor: float) -> None:
+    """Multiply the phase's LR (and its schedule's peak) by ``factor``: how a rollback lowers the LR."""
+    if factor == 1.0:
+        return
+    phase.scheduler.base_lrs = [lr * factor for lr in phase.scheduler.base_lrs]
+    for group in phase.optimizer.param_groups:
+        group["lr"] *= factor
+
+
+class _SpikeWatch:
+    """Warn when the loss right after a restart jumps above its level before the restart.
+
+    Heuristic, logging only: a spike here is a step within the re-warmup (plus
+    10 steps) whose loss exceeds the mean of the 10 steps before the restart by
+    more than 10% + 0.1 nats. Users tune ``--restart-warmup-steps`` with it.
+    """
+
+    def __init__(self, restart_warmup_steps: int) -> None:
+        self.window = restart_warmup_steps + 10
+        self.recent: list[float] = []
+        self.baseline: float | None = None
+        self.until = -1
+        self.restart = 0
+
+    def observe(self, step: int, loss: float, event: object, controller: ReLoRA | None) -> None:
+        if event is not None and event.restarted and self.recent:
+            self.baseline = sum(self.recent) / len(self.recent)
+            self.until, self.restart = step + self.window, controller.restarts
+        elif self.baseline is not None and step <= self.until and loss > 1.1 * self.baseline + 0.1:
+            logger.warning("loss spike after restart %d: %.3f at step %d against %.3f before it; a longer "
+                           "--restart-warmup-steps may help", self.restart, loss, step, self.baseline)
+            self.baseline = None  # once per restart
+        self.recent = (self.recent + [loss])[-10:]
+
+
 def reference_step(cfg: TrainConfig) -> int | None:
     """Step whose weights ``relora analyze`` measures the update against by default.
 
@@ -502,8 +577,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records written after the checkpoint (the run repeats those steps)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash mid-write
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    _write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Readers (and a resume after a crash) see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _yaml(values: dict) -> str:

@@ -3,16 +3,22 @@
 PROBE=checksums: after every merge, gather a checksum of every rank's weights and
 have rank 0 append them, one JSON list per merge, to $PROBE_OUT.
 PROBE=crash: rank 1 raises in its 5th forward pass.
+PROBE=kill_in_merge: SIGKILL itself in the middle of merge number $KILL_AT (a count of merged layers).
+PROBE=kill_in_save: SIGKILL itself after writing the weights of checkpoint save number $KILL_AT.
+(Also used without torchrun, by tests/test_reliability.py.)
 """
 
 import hashlib
 import json
 import os
+import signal
 import sys
 
 import torch
 import torch.distributed as dist
 
+import relora.adapters
+import relora.checkpoint
 import relora.controller
 import relora.train
 from relora.cli import main
@@ -45,5 +51,18 @@ elif probe == "crash":
         return loss_fn(model, batch)
 
     relora.train.lm_loss = crashing_loss
+
+elif probe in ("kill_in_merge", "kill_in_save"):
+    module, name = (relora.adapters, "merge_layer") if probe == "kill_in_merge" else (relora.checkpoint, "save_model")
+    original, calls, kill_at = getattr(module, name), [0], int(os.environ["KILL_AT"])
+
+    def killing(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(module, name, killing)
 
 sys.exit(main(["train", *sys.argv[1:]]))

@@ -87,6 +87,7 @@ def prepare(
         return out
     hf_tok = load_tokenizer(tok_path) if tok_path else None  # fail on a bad tokenizer before reading the corpus
 
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -97,6 +98,11 @@ def prepare(
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # a failed prepare leaves no trace, not even the parents it made
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     logger.info(
         "prepared %s: %d train / %d val tokens, vocab %d",
