@@ -204,3 +204,41 @@ def test_a_full_disk_fails_before_writing(prepared_data, tmp_path, monkeypatch):
         train(run_config(prepared_data, tmp_path, steps=4, warm_start_steps=2, reset_every=2,
                          restart_warmup_steps=1, save_every=2), progress=False)
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_to_identical_weights(prepared_data, reference_run,
+                                                                              tmp_path):
+    out = tmp_path / "sigterm"
+    proc = launch(out, prepared_data, tmp_path)
+    wait_for_step(out, 12, proc)  # between the periodic saves (every 5 steps)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]  # interrupted, not failed
+    assert "SIGTERM received: saving a checkpoint after this step" in err
+    saved = ckpt.latest_checkpoint(out / "checkpoints", verify=True)
+    assert saved is not None and ckpt.read_trainer_state(saved)["step"] >= 12
+    finish(out, prepared_data, tmp_path)
+    assert_same_weights(out, reference_run)
+
+
+def test_a_loss_spike_after_a_restart_is_logged_with_the_restart_number(caplog):
+    from relora.controller import StepEvent
+    from relora.train import _SpikeWatch
+
+    class Controller:
+        restarts = 0
+
+    controller, watch = Controller(), _SpikeWatch(restart_warmup_steps=3)
+    losses = {step: 3.0 for step in range(1, 51)}
+    losses[22] = 4.0  # 2 steps after the restart at step 20: a spike
+    losses[45] = 4.0  # 15 steps after the restart at 30: outside its window (3 + 10 steps)
+    with caplog.at_level("WARNING"):
+        for step, loss in losses.items():
+            event = None
+            if step in (10, 20, 30):
+                controller.restarts += 1
+                event = StepEvent(step=step, merged=True, restarted=True)
+            watch.observe(step, loss, event, controller)
+    spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
+    assert spikes == ["loss spike after restart 2: 4.000 at step 22 against 3.000 before it; a longer "
+                      "--restart-warmup-steps may help"]
