@@ -38,3 +38,28 @@ def test_bench_merge_timing_and_bad_input(capsys):
     assert main(["bench", "--preset", "tiny", "--methods", "galore"]) == 2
     assert "unknown bench method 'galore'" in capsys.readouterr().err
     assert main(["bench", "--preset", "tiny", "--frozen-dtype", "fp8"]) == 2
+
+
+def test_largest_fitting_micro_batch_search_agrees_with_brute_force():
+    import random
+
+    from relora.bench import largest_fitting
+
+    rng = random.Random(0)
+    for limit in (1, 7, 64, 4096):
+        for _ in range(50):
+            capacity = rng.randint(0, limit + 5)  # the largest size that fits (0: nothing fits)
+            trials = []
+
+            def fits(n, capacity=capacity, trials=trials):
+                trials.append(n)
+                return n <= capacity
+
+            assert largest_fitting(fits, limit) == max([n for n in range(1, limit + 1) if n <= capacity], default=0)
+            assert len(trials) <= 2 * limit.bit_length() + 2  # doubling then bisecting, not a linear scan
+
+
+def test_max_micro_batch_on_cpu_is_a_one_line_error(capsys):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--max-micro-batch", "--no-memory"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-micro-batch needs a CUDA device" in err[0]

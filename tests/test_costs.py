@@ -106,3 +106,55 @@ def test_bf16_frozen_weights_keep_the_function_and_merge_in_float32():
     assert {p.dtype for p in dense.parameters()} == {torch.float32}
     with torch.no_grad():
         dense(tokens)  # no leftover casting hooks needed
+
+
+# ------------------------------------------------------------------ activations and predicted peak
+def saved_activation_bytes(model, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for backward: an independent count."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=tokens, labels=tokens).loss
+    return sum(n for ptr, n in saved.items() if ptr not in params)
+
+
+@pytest.mark.parametrize(("overrides", "seq_len", "batch", "rank"), [
+    ({}, 64, 1, 8), ({"num_key_value_heads": 2}, 32, 3, 4), ({"hidden_size": 96, "num_hidden_layers": 3}, 48, 2, 16),
+])
+def test_activation_count_matches_autograds_saved_tensors(overrides, seq_len, batch, rank):
+    config = small_config(attn_implementation="sdpa", **overrides)
+    cost = CostModel(config, seq_len=seq_len, rank=rank)
+    tokens = torch.randint(0, 512, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    n = batch * seq_len
+    assert cost.peak_bytes("full", batch)["activations"] == pytest.approx(saved_activation_bytes(model, tokens), rel=0.03)
+    assert cost.activation_floats_per_token("full") * n * 4 == cost.peak_bytes("full", batch)["activations"]
+    relora.wrap(model, relora.ReLoRAConfig(r=rank, reset_every=None))
+    assert cost.peak_bytes("relora", batch)["activations"] == pytest.approx(saved_activation_bytes(model, tokens),
+                                                                            rel=0.03)
+
+
+def test_predicted_peak_by_hand():
+    """350m, seq 512, rank 64, micro-batch 1: the two moments of a step, written out."""
+    config = llama_config(load_preset("350m")["model"], 32100, 512)
+    cost = CostModel(config, seq_len=512, rank=64)
+    h, f, layers, vocab, heads = 1024, 2736, 24, 32100, 16
+    per_token = layers * (8 * h + 2 * h + 4 * f + heads + 2) + vocab + 3 * h + 2 * (h // heads) + 5
+    full = cost.peak_bytes("full", 1)
+    assert full["activations"] == 512 * per_token * 4
+    state = cost.state_bytes("full")
+    assert full["optimizer"] == state["total"] + 2 * vocab * h * 4
+    assert full["backward"] == state["weights"] + state["optimizer"] + full["activations"] + 2 * 512 * vocab * 4
+    assert full["peak"] == max(full["backward"], full["optimizer"])
+    relora_act = cost.peak_bytes("relora", 1)["activations"]
+    assert relora_act - full["activations"] == 512 * layers * 7 * 64 * 4
+    # activations are shared by both methods, so the predicted ratio is above the state-only bound
+    assert cost.memory_bound < cost.memory_predicted(1) < 1
+    assert cost.memory_predicted(1) < cost.memory_predicted(8)  # bigger micro-batches: activations dominate

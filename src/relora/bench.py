@@ -15,17 +15,26 @@ import json
 import logging
 import multiprocessing
 import os
+import queue as queue_module
 import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from relora.costs import METHODS, CostModel
-from relora.models import ConfigError, build_model, check_device, count_parameters, llama_config, load_preset
+from relora.models import (
+    ConfigError,
+    build_model,
+    check_device,
+    count_parameters,
+    enable_activation_checkpointing,
+    llama_config,
+    load_preset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +52,15 @@ class BenchSetup:
     vocab_size: int
     device: str
     frozen_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    compile: bool = False
     seed: int = 0
 
     @classmethod
     def from_preset(cls, preset: str, *, rank: int | None = None, seq_len: int | None = None,
                     micro_batch: int | None = None, device: str = "auto", frozen_dtype: str | None = None,
-                    vocab_size: int | None = None) -> BenchSetup:
+                    vocab_size: int | None = None, gradient_checkpointing: bool = False,
+                    compile: bool = False) -> BenchSetup:
         train = load_preset(preset)["train"]
         check_device(device)
         if device == "auto":
@@ -63,6 +75,8 @@ class BenchSetup:
             vocab_size=train.get("vocab_size", DEFAULT_VOCAB) if vocab_size is None else vocab_size,
             device=device,
             frozen_dtype=frozen_dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+            gradient_checkpointing=gradient_checkpointing,
+            compile=compile,
         )
         for name in ("rank", "seq_len", "micro_batch", "vocab_size"):
             if getattr(setup, name) <= 0:
@@ -87,7 +101,11 @@ def build(setup: BenchSetup, method: str) -> tuple[torch.nn.Module, torch.optim.
     if method == "relora":
         wrap(model, ReLoRAConfig(r=setup.rank, alpha=32, reset_every=10**9, restart_warmup_steps=0,
                                  frozen_dtype=setup.frozen_dtype))
+    if setup.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     model.to(setup.device).train()
+    if setup.compile:
+        model.compile()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(trainable, lr=1e-5)
 
@@ -115,9 +133,27 @@ def make_step(setup: BenchSetup, model: torch.nn.Module, optimizer: torch.optim.
     return step
 
 
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_high_water_bytes() -> int:
+    """This process's peak RSS since it started (its own memory, not inherited).
+
+    Not ``getrusage().ru_maxrss``: Linux carries that high-water mark over
+    fork + exec, so a spawned child reports its parent's peak when the parent's
+    was higher (the parent holds both benchmarked models). VmHWM belongs to
+    the process's own address space, which exec creates afresh.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no procfs: the best there is
 
 
 def _peak_memory_child(setup: BenchSetup, method: str, steps: int, queue) -> None:
@@ -134,7 +170,7 @@ def _peak_memory_child(setup: BenchSetup, method: str, steps: int, queue) -> Non
         if setup.device.startswith("cuda"):
             peak = torch.cuda.max_memory_allocated()
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+            peak = _rss_high_water_bytes() - before
         queue.put({"peak_mem_bytes": int(peak)})
     except BaseException as exc:  # the parent turns this into an error message
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -145,8 +181,28 @@ def measure_peak_memory(setup: BenchSetup, method: str, steps: int = 2) -> int:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_memory_child, args=(setup, method, steps, queue))
-    proc.start()
-    result = queue.get()
+    # glibc keeps freed heap memory resident (and fragmented), so RSS would report
+    # what the process once used, not what it holds. Serving every allocation of
+    # 64 KiB or more by mmap returns it to the system on free: the high-water mark
+    # then follows live memory. Read by the child's malloc at start, hence the env.
+    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+    os.environ.update(MALLOC_ENV)
+    try:
+        proc.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    while True:  # a child that dies without a word (killed for memory, say) must not hang the parent
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"memory measurement of {method} failed: its process exited with code "
+                                   f"{proc.exitcode} (out of memory?)") from None
     proc.join()
     if "error" in result:
         raise RuntimeError(f"memory measurement of {method} failed: {result['error']}")
@@ -165,6 +221,56 @@ def measure_merge_seconds(model: torch.nn.Module, repeats: int = 3) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int = 4096) -> int:
+    """The largest n in [1, limit] with ``fits(n)``, assuming fitting is monotone; 0 if not even 1 fits.
+
+    Doubles until a size fails, then bisects between the last success and the
+    failure: about 2 log2(n) trials.
+    """
+    if not fits(1):
+        return 0
+    good = 1
+    while good < limit:
+        trial = min(2 * good, limit)
+        if not fits(trial):
+            bad = trial
+            break
+        good = trial
+    else:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def max_micro_batch(setup: BenchSetup, method: str, limit: int = 4096) -> int:
+    """Largest micro-batch whose training step fits in GPU memory for ``method`` (the paper's speedup came
+    partly from ReLoRA's freed optimizer memory going to bigger batches)."""
+    if not setup.device.startswith("cuda"):
+        raise ConfigError("--max-micro-batch needs a CUDA device: on CPU, memory is the machine's RAM and "
+                          "running out of it swaps or kills the process instead of raising an error")
+    model, optimizer = build(setup, method)
+
+    def fits(micro_batch: int) -> bool:
+        try:
+            step = make_step(replace(setup, micro_batch=micro_batch), model, optimizer)
+            step()
+            step()  # the second step holds the Adam moments the first one allocated
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    try:
+        return largest_fitting(fits, limit)
+    finally:
+        del model, optimizer
+        torch.cuda.empty_cache()
 
 
 def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: int = 2, repeats: int = 5,
@@ -223,6 +329,11 @@ def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: 
             result["memory_ratio"] = relora["peak_mem_bytes"] / full["peak_mem_bytes"]
             result["memory_bound"] = cost.memory_bound
             result["memory_of_bound"] = result["memory_ratio"] / cost.memory_bound
+            act_bytes = 2 if setup.device.startswith("cuda") else 4  # autocast bf16 on GPU (roughly)
+            result["memory_predicted"] = cost.memory_predicted(setup.micro_batch, act_bytes)
+            result["memory_of_predicted"] = result["memory_ratio"] / result["memory_predicted"]
+            for m in methods:
+                result["methods"][m]["predicted_peak_bytes"] = cost.peak_bytes(m, setup.micro_batch, act_bytes)["peak"]
     return result
 
 
@@ -230,11 +341,15 @@ def format_result(result: dict) -> str:
     """The table ``relora bench`` prints."""
     s = result["setup"]
     lines = [f"preset {s['preset']}  rank {s['rank']}  seq {s['seq_len']}  micro-batch {s['micro_batch']}  "
-             f"device {s['device']}  frozen {s['frozen_dtype']}",
-             f"{'method':>8} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9} {'trainable':>12} {'total':>12}"]
+             f"device {s['device']}  frozen {s['frozen_dtype']}"
+             + ("  activation checkpointing" if s.get("gradient_checkpointing") else "")
+             + ("  compiled" if s.get("compile") else ""),
+             f"{'method':>8} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9} {'predicted':>9} {'trainable':>12} "
+             f"{'total':>12}"]
     for method, m in result["methods"].items():
         peak = f"{m['peak_mem_bytes'] / 2**20:,.0f}" if "peak_mem_bytes" in m else "-"
-        lines.append(f"{method:>8} {m['tokens_per_s']:>10,.0f} {m['step_s']:>8.3f} {peak:>9} "
+        predicted = f"{m['predicted_peak_bytes'] / 2**20:,.0f}" if "predicted_peak_bytes" in m else "-"
+        lines.append(f"{method:>8} {m['tokens_per_s']:>10,.0f} {m['step_s']:>8.3f} {peak:>9} {predicted:>9} "
                      f"{m['trainable_params']:>12,} {m['total_params']:>12,}")
     if "throughput_ratio" in result:
         lines.append(f"throughput relora/full {result['throughput_ratio']:.3f}  bound {result['throughput_bound']:.3f}"
@@ -242,6 +357,10 @@ def format_result(result: dict) -> str:
     if "memory_ratio" in result:
         lines.append(f"memory     relora/full {result['memory_ratio']:.3f}  bound {result['memory_bound']:.3f}"
                      f"  measured/bound {result['memory_of_bound']:.3f}  (bound: weights+grads+Adam, no activations)")
+        lines.append(f"           predicted peak ratio {result['memory_predicted']:.3f} (activations and AdamW "
+                     f"temporaries included)  measured/predicted {result['memory_of_predicted']:.3f}")
+    for method, size in result.get("max_micro_batch", {}).items():
+        lines.append(f"largest micro-batch that fits, {method}: {size}")
     if "merge" in result:
         m = result["merge"]
         lines.append(f"merge_and_reinit {m['merge_s']:.3f} s = {100 * (m['merge_fraction'] or 0):.3f}% of one reset "

@@ -91,12 +91,21 @@ ABLATIONS = {
     "--no-warm-start": ("warm_start", "ablation: adapters from step 0, no full-rank warm start"),
 }
 
+SPEED_OPTIONS = {  # off by default; each is measured by `relora bench` (docs/performance.md)
+    "--gradient-checkpointing": ("gradient_checkpointing", "recompute each block's activations in the backward "
+                                 "pass: less memory, about a third more compute"),
+    "--compile": ("compile", "torch.compile the model (slow first steps; measured in docs/performance.md)"),
+}
+
 
 def _train_overrides(args: argparse.Namespace) -> dict:
     given = {k: v for k, v in vars(args).items() if k in {f[2:].replace("-", "_") for f in TRAIN_FLAGS}}
     for flag, (name, _) in ABLATIONS.items():
         if getattr(args, flag[2:].replace("-", "_"), False):
             given[name] = False
+    for flag, (name, _) in SPEED_OPTIONS.items():
+        if getattr(args, name, False):
+            given[name] = True
     for name in ("wandb", "wandb_project"):  # train only: TRAIN_FLAGS are shared with compare
         if name in vars(args):
             given[name] = getattr(args, name)
@@ -383,15 +392,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0 or args.repeats < 1:
         raise UsageError("--warmup must be >= 0 and --repeats >= 1")
     setup = BenchSetup.from_preset(args.preset, rank=args.rank, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                                   device=args.device, frozen_dtype=args.frozen_dtype, vocab_size=args.vocab_size)
+                                   device=args.device, frozen_dtype=args.frozen_dtype, vocab_size=args.vocab_size,
+                                   gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     cost = setup.cost_model()
     print(f"preset {setup.preset}, rank {setup.rank}, seq {setup.seq_len}, micro-batch {setup.micro_batch}: "
           f"the cost model says")
     print(cost.explain())
     if args.explain:
         return 0
+    if args.max_micro_batch and not setup.device.startswith("cuda"):
+        raise UsageError("--max-micro-batch needs a CUDA device (on CPU, running out of RAM swaps or kills the "
+                         "process instead of raising an error); drop the flag or use --device cuda")
     result = run_bench(setup, methods=methods, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
                        merge=args.merge, progress=lambda text: logger.info("bench: %s", text))
+    if args.max_micro_batch:
+        from relora.bench import max_micro_batch
+
+        result["max_micro_batch"] = {}
+        for method in methods:
+            logger.info("bench: largest micro-batch of %s", method)
+            result["max_micro_batch"][method] = max_micro_batch(setup, method)
     print(format_result(result))
     if args.json:
         write_json(result, Path(args.json))
@@ -424,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="YAML file of settings (flags override it)")
     for flag, (kind, text) in TRAIN_FLAGS.items():
         t.add_argument(flag, type=kind, help=text)
-    for flag, (_, text) in ABLATIONS.items():
+    for flag, (_, text) in {**ABLATIONS, **SPEED_OPTIONS}.items():
         t.add_argument(flag, action="store_true", help=text)
     t.add_argument("--wandb", action="store_true", help="also log metrics to Weights & Biases (pip install wandb)")
     t.add_argument("--wandb-project", help="Weights & Biases project (default: relora)")
@@ -523,10 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's, else 32100)")
     b.add_argument("--frozen-dtype", help="storage of frozen weights: float32 or bfloat16 (default: bf16 on GPU)")
     b.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    b.add_argument("--gradient-checkpointing", action="store_true", help="both methods with activation checkpointing")
+    b.add_argument("--compile", action="store_true", help="both methods torch.compile'd (warm-up includes compiling)")
     b.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     b.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     b.add_argument("--merge", action="store_true", help="also time merge_and_reinit of the whole model")
+    b.add_argument("--max-micro-batch", action="store_true",
+                   help="GPU only: also find the largest micro-batch each method fits (doubling, then bisecting)")
     b.add_argument("--explain", action="store_true", help="print the cost model's bounds only; measure nothing")
     b.add_argument("--json", help="write the results to this JSON file")
     b.set_defaults(func=cmd_bench)

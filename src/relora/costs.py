@@ -9,7 +9,9 @@ the bytes held in weights, gradients and Adam moments is the best memory ratio
 (frozen weights in their storage dtype, trainable ones in float32 with float32
 gradients and two float32 moments). Activations are the same in both methods
 (the adapters add r values per token per wrapped map) and are left out of the
-bound; the benchmark reports the measured peak beside it.
+state bound; ``peak_bytes`` adds them (counted per token from the
+architecture) for a predicted peak, which the benchmark compares with the
+measured one.
 
 Attention is counted as ``FlopCounterMode`` counts the eager implementation
 (full T x T scores, no causal saving): 4 T h forward per token per layer.
@@ -103,6 +105,55 @@ class CostModel:
     def memory_bound(self) -> float:
         """Best possible memory of ReLoRA over full-rank (state only, activations excluded)."""
         return self.state_bytes("relora")["total"] / self.state_bytes("full")["total"]
+
+    # ---------------------------------------------------------------- peak memory, activations included
+    def activation_floats_per_token(self, method: str) -> int:
+        """Values autograd saves for the backward pass, per token (transformers' LLaMA, SDPA attention).
+
+        Per layer: six hidden-width tensors around the two RMSNorms and the
+        residual adds (plus one rsqrt per norm), q and the attention output
+        (2 x q width), k and v (2 x kv width),
+        the MLP's gate, up, SiLU(gate) and product (4 x intermediate), SDPA's
+        log-sum-exp (one per head); each adapter adds its r-wide A x. Once per
+        model: logits' log-softmax (vocab), final norm and head input (3h), RoPE
+        cos/sin (2 x head dim) and a few scalars. Checked against autograd's
+        saved-tensor hooks in tests/test_costs.py.
+        """
+        _check(method)
+        c, h = self.config, self.config.hidden_size
+        head_dim = getattr(c, "head_dim", None) or h // c.num_attention_heads
+        q = c.num_attention_heads * head_dim
+        kv = (c.num_key_value_heads or c.num_attention_heads) * head_dim
+        per_layer = 6 * h + 2 * q + 2 * kv + 4 * c.intermediate_size + c.num_attention_heads + 2
+        if method == "relora":
+            per_layer += len(self.linear_shapes) * self.rank
+        return self.layers * per_layer + c.vocab_size + 3 * h + 2 * head_dim + 5
+
+    def peak_bytes(self, method: str, micro_batch: int, activation_bytes: int = 4) -> dict[str, int]:
+        """Predicted peak memory of one training step, and the two moments that compete for it.
+
+        ``backward``: weights + Adam moments + every saved activation + the
+        logits' gradient (two vocab-wide tensors), at the start of the backward
+        pass (gradients were freed by ``zero_grad(set_to_none=True)``).
+        ``optimizer``: weights + gradients + Adam moments + the AdamW update's
+        two temporaries the size of the largest trainable tensor (the
+        embedding; torch's single-tensor AdamW, the CPU default). As the backward
+        pass frees activations it creates gradients, so the peak is the larger.
+        """
+        state = self.state_bytes(method)
+        tokens = micro_batch * self.seq_len
+        activations = tokens * self.activation_floats_per_token(method) * activation_bytes
+        logits_grad = 2 * tokens * self.config.vocab_size * 4
+        largest = self.config.vocab_size * self.config.hidden_size * self.param_bytes
+        backward = state["weights"] + state["optimizer"] + activations + logits_grad
+        optimizer = state["total"] + 2 * largest
+        return {"activations": activations, "backward": backward, "optimizer": optimizer,
+                "peak": max(backward, optimizer)}
+
+    def memory_predicted(self, micro_batch: int, activation_bytes: int = 4) -> float:
+        """Predicted peak memory of ReLoRA over full-rank at this micro-batch, activations included."""
+        return (self.peak_bytes("relora", micro_batch, activation_bytes)["peak"]
+                / self.peak_bytes("full", micro_batch, activation_bytes)["peak"])
 
     def to_dict(self) -> dict:
         return {

@@ -230,6 +230,16 @@ def control_model_config(model_cfg: dict, vocab_size: int, rank: int) -> dict:
     return {**extra, **arch}
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' per-block activation checkpointing, non-reentrant (frozen weights and adapters need no
+    special care); under its current name where this transformers has it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def check_device(name: str) -> None:
     """ConfigError unless ``name`` is ``auto`` or a device string torch understands (cpu, cuda, cuda:N, ...)."""
     if name == "auto":

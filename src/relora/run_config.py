@@ -77,6 +77,8 @@ class TrainConfig:
     jagged: bool = True
     warm_start: bool = True
     device: str = "auto"
+    gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
+    compile: bool = False  # torch.compile the model
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient norm before acting
     on_bad_steps: str = "rollback"  # "rollback" (to the last checkpoint, LR scaled down) or "stop"
     rollback_lr_factor: float = 0.5

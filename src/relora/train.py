@@ -34,7 +34,15 @@ from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
 from relora.distributed import Dist
 from relora.evaluation import evaluate, lm_loss, perplexity
-from relora.models import ConfigError, build_model, control_model_config, count_parameters, llama_config, load_pretrained
+from relora.models import (
+    ConfigError,
+    build_model,
+    control_model_config,
+    count_parameters,
+    enable_activation_checkpointing,
+    llama_config,
+    load_pretrained,
+)
 from relora.run_config import TrainConfig
 from relora.schedule import jagged_cosine_scheduler
 from relora.tracking import finish_wandb, log_wandb, start_wandb
@@ -140,6 +148,22 @@ def make_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     return build_model(llama_config(arch, vocab_size, cfg.seq_len), cfg.seed)
 
 
+def prepare_for_training(cfg: TrainConfig, model: nn.Module) -> nn.Module:
+    """The optional speed/memory trade-offs, applied to the model about to be trained.
+
+    Activation checkpointing is transformers' own, per decoder block.
+    ``nn.Module.compile`` compiles in place: parameter names, state dicts and
+    the in-place merges are unchanged, and a wrapped model is compiled anew.
+    """
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{type(model).__name__} does not support --gradient-checkpointing")
+        enable_activation_checkpointing(model)
+    if cfg.compile:
+        model.compile()
+    return model
+
+
 def model_from_path(path: str | Path) -> nn.Module:
     """A dense model from a Hugging Face directory or a checkpoint of this project."""
     path = Path(path)
@@ -229,7 +253,7 @@ def switch_to_adapters(cfg: TrainConfig, model: nn.Module, phase: _Phase, dist: 
         model.load_state_dict(weights)
     wrap(model, cfg.relora_config())
     model.to(dist.device)
-    engine = dist.parallelize(model)
+    engine = dist.parallelize(prepare_for_training(cfg, model))
     return model, engine, build_phase(cfg, model, wrapped=True, previous=previous)
 
 
@@ -325,7 +349,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         if not ckpt.is_sharded(restored):
             ckpt.load_weights(model, restored)
     model.to(device).train()
-    engine = dist.parallelize(model)  # what forward/backward run on; ``model`` is what the math works on
+    engine = dist.parallelize(prepare_for_training(cfg, model))  # what forward/backward run on; ``model`` is what the math works on
     phase = build_phase(cfg, model, wrapped=state["wrapped"])
     if restored is not None:
         saved = ckpt.load_states(restored)
