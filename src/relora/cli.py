@@ -63,6 +63,9 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--restart-warmup-steps": (int, "steps of linear LR re-warmup after each restart"),
     "--rank": (int, "adapter rank r"),
     "--alpha": (float, "adapter alpha (scale = alpha / rank)"),
+    "--quantize": (str, "store the frozen weights of wrapped layers in nf4 or int8 (pip install 'relora[quantize]')"),
+    "--master-weights": (str, "with --quantize: cpu keeps a float32 copy of the frozen weights in CPU memory; "
+                              "merges go into it, so quantization error does not accumulate"),
     "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
@@ -506,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default=None, help="YAML file of settings shared by every run")
     c.add_argument("--threshold", type=float, default=0.1, help="singular-value threshold of the spectra figure")
     for flag, (kind, text) in TRAIN_FLAGS.items():
-        if flag not in ("--out", "--method", "--init-from", "--lr"):
+        if flag not in ("--out", "--method", "--init-from", "--lr", "--quantize", "--master-weights"):
             c.add_argument(flag, type=kind, help=text)
     c.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
     c.set_defaults(func=cmd_compare)
