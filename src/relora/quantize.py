@@ -20,14 +20,17 @@ Hand-written here rather than taken from peft or bitsandbytes:
   extra rounding would blur the "at most half a step" bound of a merge, so
   the same row-wise format (int8 codes, float32 row absmax ``SCB``) is
   computed here in float32, identically on CPU and GPU.
-NF4 quantization and dequantization use bitsandbytes' own kernels.
+NF4 quantization and dequantization use bitsandbytes' own kernels, with one
+fix on CPU (``_fix_cpu_nf4_dequantize``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -95,8 +98,55 @@ def _int8_scales(base: nn.Module) -> list[torch.Tensor]:
     return [s for s in (getattr(base.weight, "SCB", None), base.state.SCB) if s is not None]
 
 
+# ---------------------------------------------------------------- a bitsandbytes 0.50 CPU bug
+_CPU_FIX = {"done": False}
+
+
+def _fix_cpu_nf4_dequantize(bnb: ModuleType) -> None:
+    """Make bitsandbytes' CPU NF4 dequantization correct for weights whose rows are not whole blocks.
+
+    bitsandbytes 0.50.2 quantizes in blocks of 64 consecutive weights of the flattened matrix, but its
+    native CPU dequantization kernel assumes that blocks never straddle two rows: for a weight with
+    ``in_features`` not a multiple of 64 (the 60m preset's down_proj has 1376) it returns wrong values
+    (measured: errors of 3x the quantization error for a 64 x 96 weight) and every forward and merge on
+    CPU uses them. The CUDA kernel works on the flat index and is right. The fix re-registers the CPU
+    kernel to call the same native routine on whole blocks (a (numel / 64, 64) view, where its
+    assumption holds) and reshape; anything else goes to bitsandbytes' generic implementation, the one
+    its CPU kernel already falls back to for odd shapes.
+    """
+    if _CPU_FIX["done"]:
+        return
+    _CPU_FIX["done"] = True
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
+
+    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):  # no native library: the generic code runs anyway
+        return
+    native = {torch.float32: lib.cdequantize_blockwise_cpu_nf4_fp32, torch.bfloat16: lib.cdequantize_blockwise_cpu_nf4_bf16}
+    ptr = bnb.functional.get_ptr
+
+    def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: list[int],
+                        dtype: torch.dtype) -> torch.Tensor:
+        A = A.view(torch.uint8) if A.dtype != torch.uint8 else A
+        n = math.prod(shape)
+        if quant_type != "nf4" or dtype not in native or n % blocksize or blocksize >= 2048:
+            code = _get_4bit_code(quant_type, A.device)
+            return _dequantize_4bit_compute.__wrapped__(A.reshape(-1), absmax, code, blocksize, shape, dtype)
+        A, absmax = A.contiguous(), absmax.float().contiguous()
+        out = torch.empty((n // blocksize, blocksize), dtype=dtype)
+        native[dtype](ptr(A), ptr(absmax), ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(n // blocksize),
+                      ctypes.c_longlong(blocksize))
+        return out.reshape(shape)
+
+    with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+
+
 # ---------------------------------------------------------------- building quantized layers
 def _nf4_linear(linear: nn.Linear, bnb: ModuleType) -> nn.Module:
+    _fix_cpu_nf4_dequantize(bnb)
     weight = linear.weight.detach()
     packed, state = bnb.functional.quantize_4bit(weight.float().contiguous(), blocksize=NF4_BLOCKSIZE,
                                                   compress_statistics=False, quant_type="nf4")
