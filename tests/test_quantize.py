@@ -17,8 +17,11 @@ from transformers import AutoModelForCausalLM
 import relora
 from relora import adapters, quantize
 from relora import checkpoint as ckpt
+from relora.bench import BenchSetup
 from relora.cli import main
-from relora.models import count_parameters
+from relora.costs import CostModel
+from relora.models import count_parameters, llama_config, load_preset
+from relora.quant_bench import measure_memory
 from relora.train import make_model, train
 
 # NF4 (QLoRA paper, Appendix E): the 16 values a 4-bit code stands for, times its block's absmax.
@@ -283,3 +286,39 @@ def test_quantize_without_bitsandbytes_names_what_to_install(tmp_path, capsys, m
     assert "needs bitsandbytes" in err and "pip install 'relora[quantize]'" in err
     with pytest.raises(quantize.BitsAndBytesMissing, match="relora\\[quantize\\]"):
         quantized_model("int8")
+
+
+# ------------------------------------------------------------------ cost model and benchmark
+def test_cost_model_frozen_bytes_by_hand():
+    """350m: int8 is 1 byte per weight plus a float32 scale per output row; NF4 half a byte plus a float32
+    absmax per 64 weights."""
+    config = llama_config(load_preset("350m")["model"], 32100, 512)
+    h, f, layers = 1024, 2736, 24
+    weights = layers * (4 * h * h + 3 * h * f)
+    rows = layers * (4 * h + 2 * f + h)  # q, k, v, o and gate, up have h inputs each; down has f
+    assert CostModel(config, 512, 64).frozen_weight_bytes == 4 * weights
+    assert CostModel(config, 512, 64, quantize="int8").frozen_weight_bytes == weights + 4 * rows
+    assert CostModel(config, 512, 64, quantize="nf4").frozen_weight_bytes == weights // 2 + 4 * weights // 64
+    full = CostModel(config, 512, 64)
+    for quant_type in QUANT_TYPES:
+        cost = CostModel(config, 512, 64, quantize=quant_type)
+        assert cost.state_bytes("relora")["total"] == (full.state_bytes("relora")["total"] - 4 * weights
+                                                       + cost.frozen_weight_bytes)
+        assert cost.memory_bound < full.memory_bound
+
+
+def test_bench_quantize_reports_each_format(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--rank", "4", "--seq-len", "32", "--micro-batch", "1", "--warmup", "0",
+                 "--repeats", "1", "--no-memory", "--quantize", "none,int8,nf4", "--json", str(out)]) == 0
+    assert "frozen MiB" in capsys.readouterr().out
+    formats = json.loads(out.read_text())["formats"]
+    assert list(formats) == ["none", "int8", "nf4"]
+    for m in formats.values():  # measured from the tensors == the cost model
+        assert m["frozen_bytes"] == m["frozen_bytes_model"] and m["tokens_per_s"] > 0
+    assert formats["nf4"]["frozen_bytes"] < formats["int8"]["frozen_bytes"] < formats["none"]["frozen_bytes"] / 3
+    setup = BenchSetup.from_preset("tiny", rank=4, seq_len=32, micro_batch=1, device="cpu")
+    measured = measure_memory(setup, "nf4", steps=1)
+    assert measured["peak_mem_bytes"] > measured["frozen_bytes"] > 0
+    assert main(["bench", "--preset", "tiny", "--quantize", "none,int4"]) == 2
+    assert "unknown --quantize format 'int4'" in capsys.readouterr().err

@@ -387,6 +387,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--warmup must be >= 0 and --repeats >= 1")
     setup = BenchSetup.from_preset(args.preset, rank=args.rank, seq_len=args.seq_len, micro_batch=args.micro_batch,
                                    device=args.device, frozen_dtype=args.frozen_dtype, vocab_size=args.vocab_size)
+    if args.quantize:
+        return _bench_quantize(args, setup)
     cost = setup.cost_model()
     print(f"preset {setup.preset}, rank {setup.rank}, seq {setup.seq_len}, micro-batch {setup.micro_batch}: "
           f"the cost model says")
@@ -397,6 +399,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        merge=args.merge, progress=lambda text: logger.info("bench: %s", text))
     print(format_result(result))
     if args.json:
+        write_json(result, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_quantize(args: argparse.Namespace, setup) -> int:
+    """relora bench --quantize none,int8,nf4: ReLoRA with each storage of the frozen weights."""
+    from relora.quant_bench import format_quantize_result, parse_formats, run_quantize_bench
+
+    formats = parse_formats(args.quantize)
+    result = run_quantize_bench(setup, formats, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
+                                progress=lambda text: logger.info("bench: %s", text))
+    print(format_quantize_result(result))
+    if args.json:
+        from relora.bench import write_json
+
         write_json(result, Path(args.json))
         print(f"wrote {args.json}")
     return 0
@@ -530,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     b.add_argument("--merge", action="store_true", help="also time merge_and_reinit of the whole model")
+    b.add_argument("--quantize", metavar="FORMATS",
+                   help="compare ReLoRA with its frozen weights stored as each of these, e.g. none,int8,nf4 "
+                        "(needs pip install 'relora[quantize]'); --methods is then ignored")
     b.add_argument("--explain", action="store_true", help="print the cost model's bounds only; measure nothing")
     b.add_argument("--json", help="write the results to this JSON file")
     b.set_defaults(func=cmd_bench)
