@@ -179,7 +179,8 @@ def merge_errors(quant_type, master_weights, merges, std):
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_master_weights_keep_ten_merges_within_one_step_and_without_them_error_grows(quant_type):
-    # updates of about a tenth of a quantization step per merge: the size where rounding errors pile up
+    # updates smaller than a quantization step (median 0.09 steps for NF4, 0.31 for int8), as a ReLoRA cycle's
+    # are likely to be: the size where roundings pile up, or round the update away
     std = {"int8": 0.0005, "nf4": 0.002}[quant_type]
     with_master = merge_errors(quant_type, "cpu", 10, std)
     without = merge_errors(quant_type, None, 10, std)
