@@ -264,6 +264,21 @@ def test_cli_export_of_a_quantized_checkpoint_is_dense(prepared_data, tmp_path, 
         assert torch.equal(a, b), name  # the checkpoint at the last step exports what training exported
 
 
+def test_ddp_with_nf4_and_master_weights_matches_one_process(prepared_data, tmp_path):
+    from test_distributed import SETTINGS, torchrun
+
+    flags = ["--quantize", "nf4", "--master-weights", "cpu"]
+    done = torchrun(tmp_path, prepared_data, tmp_path / "ddp", *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings = {k: v for k, v in SETTINGS.items() if k != "model"}
+    train(run_config(prepared_data, tmp_path / "one", quantize="nf4", master_weights="cpu", **settings),
+          progress=False)
+    # same global batch over two ranks: the same curve up to the order of float reductions
+    assert [r["loss"] for r in records(tmp_path / "ddp")] == pytest.approx(
+        [r["loss"] for r in records(tmp_path / "one")], rel=1e-5)
+    assert (ckpt.latest_checkpoint(tmp_path / "ddp" / "checkpoints") / ckpt.MASTER_WEIGHTS).is_file()
+
+
 # ------------------------------------------------------------------ (e) bad input
 @pytest.mark.parametrize("args,message", [
     (["--quantize", "int4"], "quantize must be one of nf4, int8"),
@@ -287,6 +302,16 @@ def test_quantize_without_bitsandbytes_names_what_to_install(tmp_path, capsys, m
     assert "needs bitsandbytes" in err and "pip install 'relora[quantize]'" in err
     with pytest.raises(quantize.BitsAndBytesMissing, match="relora\\[quantize\\]"):
         quantized_model("int8")
+
+
+def test_exporting_a_quantized_checkpoint_without_bitsandbytes_is_a_one_line_error(prepared_data, tmp_path, capsys,
+                                                                                    monkeypatch):
+    train(run_config(prepared_data, tmp_path / "run", quantize="nf4", steps=20), progress=False)
+    capsys.readouterr()  # the run's own output
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'relora[quantize]'" in err, err
 
 
 # ------------------------------------------------------------------ cost model and benchmark

@@ -24,8 +24,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from relora.checkpoint import DiskSpaceError
     from relora.data import DataError
     from relora.models import ConfigError
+    from relora.quantize import BitsAndBytesMissing
 
-    return (DataError, ConfigError, DiskSpaceError)
+    return (DataError, ConfigError, DiskSpaceError, BitsAndBytesMissing)
 
 
 class UsageError(Exception):
