@@ -43,6 +43,7 @@ class ReLoRAConfig:
     # Quantized storage of those weights ("nf4" or "int8", with bitsandbytes; relora.quantize): merges
     # dequantize to float32, add s B A and re-quantize. master_weights="cpu" keeps a float32 copy of them
     # in CPU memory that merges go into, so quantization error does not accumulate over restarts.
+    # With quantize set, frozen_dtype does not apply.
     quantize: str | None = None
     master_weights: str | None = None
 

@@ -184,7 +184,8 @@ def _int8_linear(linear: nn.Linear, bnb: ModuleType) -> nn.Module:
     return module
 
 
-def quantize_linears(model: nn.Module, names: list[str], quant_type: str, *, master_weights: str | None = None) -> None:
+def quantize_linears(model: nn.Module, names: list[str], quant_type: str, *,
+                     master_weights: str | None = None) -> None:
     """Replace the ``nn.Linear`` modules ``names`` of ``model`` by bitsandbytes layers storing their weights
     in ``quant_type``, quantized on the device the weights are on; biases are kept as they are.
 
