@@ -15,11 +15,13 @@ import math
 import re
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from relora import sharding
+# before peft, which imports bitsandbytes when installed: quantize quiets a warning bitsandbytes logs on import
+from relora import quantize, sharding  # isort: skip
+from peft import LoraConfig, inject_adapter_in_model  # isort: skip
+from peft.tuners.lora import LoraLayer  # isort: skip
+
 from relora.config import ReLoRAConfig
 
 ADAPTER = "default"
@@ -78,7 +80,7 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def base_weight(layer: LoraLayer) -> torch.Tensor:
-    """The frozen weight W of a wrapped layer."""
+    """The frozen weight W of a wrapped layer (float storage; quantized layers go through ``quantize``)."""
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
@@ -105,7 +107,11 @@ def merge_layer(layer: LoraLayer) -> None:
 
     In place on the same tensor object, so the optimizer and any DDP/FSDP
     references stay valid. A sharded W gets the slice of the delta it holds.
+    A quantized W is dequantized, summed in float32 and re-quantized.
     """
+    if quantize.is_quantized(layer.get_base_layer()):
+        quantize.merge_(layer.get_base_layer(), delta_weight(layer))
+        return
     weight = base_weight(layer)
     part = sharding.local(weight)
     part.copy_(part.float() + sharding.local_part(delta_weight(layer), weight))
@@ -134,7 +140,9 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
 
     Base weights of wrapped layers are frozen (no weight gradient is computed:
     ReLoRA's compute saving). Every other parameter keeps the trainability it
-    had: embeddings, norms, head and biases train at full rank.
+    had: embeddings, norms, head and biases train at full rank. With
+    ``config.quantize`` the base weights are first stored in NF4 or int8, and
+    peft wraps them with its quantized LoRA layers.
     """
     targets = find_targets(model, config.target_modules)
     if not targets:
@@ -144,6 +152,8 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("model is already wrapped with LoRA adapters; call relora.unwrap(model) first")
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    if config.quantize:
+        quantize.quantize_linears(model, targets, config.quantize, master_weights=config.master_weights)
     lora_config = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
@@ -152,17 +162,18 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
         bias="none",
         init_lora_weights=True,
     )
-    inject_adapter_in_model(lora_config, model, adapter_name=ADAPTER)
+    with quantize.peft_sees_quantized(model, config.quantize):
+        inject_adapter_in_model(lora_config, model, adapter_name=ADAPTER)
     # peft froze everything but the adapters; restore the rest.
     for name, param in model.named_parameters():
         original = name.replace(".base_layer.", ".")
         if ".lora_A." in name or ".lora_B." in name:
             param.requires_grad_(True)
-        else:
+        elif param.is_floating_point():  # quantized codes can never require a gradient
             param.requires_grad_(trainable.get(original, True))
     for layer in lora_layers(model):
-        base_weight(layer).requires_grad_(False)
-        if config.frozen_dtype != "float32":
+        layer.get_base_layer().weight.requires_grad_(False)
+        if config.frozen_dtype != "float32" and not config.quantize:
             store_frozen_as(layer, getattr(torch, config.frozen_dtype))
     reinit_adapters(model, config.seed)
     return model
@@ -224,13 +235,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     The result is a plain dense model (what ``transformers`` loads unchanged).
     Merging first avoids the reference code's defect of silently dropping the
-    last cycle's update (spec section 3).
+    last cycle's update (spec section 3). A quantized layer becomes an
+    ``nn.Linear`` holding the float32 sum: its master copy (or dequantized
+    weight) plus the last cycle's delta, not rounded to the storage format.
     """
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer):
             continue
         base = module.get_base_layer()
-        if base_weight(module).dtype != torch.float32:  # bf16 storage: export the float32 sum, unrounded
+        if quantize.is_quantized(base):  # the float32 sum, not rounded to the storage format
+            delta = delta_weight(module).to(base.weight.device)
+            base = quantize.to_linear(base, quantize.dense_weight(base) + delta)
+        elif base_weight(module).dtype != torch.float32:  # bf16 storage: export the float32 sum, unrounded
             _restore_float32(base, base_weight(module).float() + delta_weight(module).to(base.weight.device))
         else:
             merge_layer(module)

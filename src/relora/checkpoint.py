@@ -1,8 +1,10 @@
 """Checkpoints: atomic save, find the latest complete one, load.
 
 A checkpoint is a directory ``checkpoints/step_N/`` holding the model weights
-(safetensors, adapters included; under FSDP2 a sharded ``dcp/`` directory of
-model and optimizer written by ``torch.distributed.checkpoint``), the optimizer, scheduler and controller
+(safetensors, adapters included, quantized weights as their codes and scales;
+under FSDP2 a sharded ``dcp/`` directory of model and optimizer written by
+``torch.distributed.checkpoint``), the float32 master copies of quantized
+weights if the run keeps them, the optimizer, scheduler and controller
 states, RNG states, the trainer's counters (incl. the data position) and the
 resolved config. It is written into a temporary sibling, fsynced and renamed,
 and ``complete.json`` is written last inside it, so a directory without it is
@@ -26,12 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+from relora.quantize import load_master_state, master_state
 
 logger = logging.getLogger(__name__)
 
 MARKER = "complete.json"
+MASTER_WEIGHTS = "master_weights.safetensors"
 SHARDED_DIR = "dcp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -115,6 +120,9 @@ def save_checkpoint(
             if not sharded:
                 # save_model stores tied weights (GPT-2's head is its embedding) once; save_file refuses them.
                 save_model(model, str(tmp / "model.safetensors"))
+            masters = master_state(model)
+            if masters:  # what a quantized run's weights really are: resume needs them, not only the codes
+                save_file({k: v.contiguous() for k, v in masters.items()}, str(tmp / MASTER_WEIGHTS))
             torch.save({**states, "rng": rng_state()}, tmp / "states.pt")
             _write_json(tmp / "trainer_state.json", trainer_state)
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -170,6 +178,7 @@ def estimate_bytes(model: nn.Module, states: dict[str, Any], optimizer: torch.op
         return 0
 
     total = sum(tensor_bytes(t) for t in model.state_dict().values()) + tensor_bytes(states)
+    total += tensor_bytes(master_state(model))
     if optimizer is not None:
         total += tensor_bytes(list(optimizer.state.values()))
     return total
@@ -299,6 +308,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
         model.load_state_dict(weights, strict=True)
         return
     load_model(model, str(path / "model.safetensors"), strict=True)  # restores tied weights from their one copy
+    masters = master_state(model)
+    if masters or (path / MASTER_WEIGHTS).is_file():
+        if not (path / MASTER_WEIGHTS).is_file():
+            raise ValueError(f"{path} holds no {MASTER_WEIGHTS}, but the model keeps master weights")
+        load_master_state(model, load_file(str(path / MASTER_WEIGHTS)))
 
 
 def load_states(path: Path) -> dict:

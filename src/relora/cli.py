@@ -24,8 +24,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from relora.checkpoint import DiskSpaceError
     from relora.data import DataError
     from relora.models import ConfigError
+    from relora.quantize import BitsAndBytesMissing
 
-    return (DataError, ConfigError, DiskSpaceError)
+    return (DataError, ConfigError, DiskSpaceError, BitsAndBytesMissing)
 
 
 class UsageError(Exception):
@@ -63,6 +64,9 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--restart-warmup-steps": (int, "steps of linear LR re-warmup after each restart"),
     "--rank": (int, "adapter rank r"),
     "--alpha": (float, "adapter alpha (scale = alpha / rank)"),
+    "--quantize": (str, "store the frozen weights of wrapped layers in nf4 or int8 (pip install 'relora[quantize]')"),
+    "--master-weights": (str, "with --quantize: cpu keeps a float32 copy of the frozen weights in CPU memory; "
+                              "merges go into it, so quantization error does not accumulate"),
     "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
@@ -394,6 +398,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     setup = BenchSetup.from_preset(args.preset, rank=args.rank, seq_len=args.seq_len, micro_batch=args.micro_batch,
                                    device=args.device, frozen_dtype=args.frozen_dtype, vocab_size=args.vocab_size,
                                    gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    if args.quantize:
+        return _bench_quantize(args, setup)
     cost = setup.cost_model()
     print(f"preset {setup.preset}, rank {setup.rank}, seq {setup.seq_len}, micro-batch {setup.micro_batch}: "
           f"the cost model says")
@@ -414,6 +420,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             result["max_micro_batch"][method] = max_micro_batch(setup, method)
     print(format_result(result))
     if args.json:
+        write_json(result, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_quantize(args: argparse.Namespace, setup) -> int:
+    """relora bench --quantize none,int8,nf4: ReLoRA with each storage of the frozen weights."""
+    from relora.quant_bench import format_quantize_result, parse_formats, run_quantize_bench
+
+    formats = parse_formats(args.quantize)
+    result = run_quantize_bench(setup, formats, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
+                                progress=lambda text: logger.info("bench: %s", text))
+    print(format_quantize_result(result))
+    if args.json:
+        from relora.bench import write_json
+
         write_json(result, Path(args.json))
         print(f"wrote {args.json}")
     return 0
@@ -526,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default=None, help="YAML file of settings shared by every run")
     c.add_argument("--threshold", type=float, default=0.1, help="singular-value threshold of the spectra figure")
     for flag, (kind, text) in TRAIN_FLAGS.items():
-        if flag not in ("--out", "--method", "--init-from", "--lr"):
+        if flag not in ("--out", "--method", "--init-from", "--lr", "--quantize", "--master-weights"):
             c.add_argument(flag, type=kind, help=text)
     c.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
     c.set_defaults(func=cmd_compare)
@@ -551,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--merge", action="store_true", help="also time merge_and_reinit of the whole model")
     b.add_argument("--max-micro-batch", action="store_true",
                    help="GPU only: also find the largest micro-batch each method fits (doubling, then bisecting)")
+    b.add_argument("--quantize", metavar="FORMATS",
+                   help="compare ReLoRA with its frozen weights stored as each of these, e.g. none,int8,nf4 "
+                        "(needs pip install 'relora[quantize]'); --methods is then ignored")
     b.add_argument("--explain", action="store_true", help="print the cost model's bounds only; measure nothing")
     b.add_argument("--json", help="write the results to this JSON file")
     b.set_defaults(func=cmd_bench)

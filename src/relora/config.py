@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from relora.optim import PRUNE_METHODS
 
 FROZEN_DTYPES = ("float32", "bfloat16")
+QUANT_TYPES = ("nf4", "int8")  # storage formats of relora.quantize (bitsandbytes)
+MASTER_WEIGHTS = ("cpu",)
 
 
 @dataclass
@@ -38,6 +40,12 @@ class ReLoRAConfig:
     # Storage of the frozen base weights of wrapped layers: "bfloat16" halves
     # their memory (merges are still computed in float32, rounded once).
     frozen_dtype: str = "float32"
+    # Quantized storage of those weights ("nf4" or "int8", with bitsandbytes; relora.quantize): merges
+    # dequantize to float32, add s B A and re-quantize. master_weights="cpu" keeps a float32 copy of them
+    # in CPU memory that merges go into, so quantization error does not accumulate over restarts.
+    # With quantize set, frozen_dtype does not apply.
+    quantize: str | None = None
+    master_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.merge_every is None:
@@ -84,6 +92,13 @@ class ReLoRAConfig:
             raise ValueError("merge_every is None but reset_every is set: a reset needs a merge")
         if self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}; got {self.frozen_dtype!r}")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANT_TYPES)} (or None); got {self.quantize!r}")
+        if self.master_weights is not None and self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {', '.join(MASTER_WEIGHTS)} (or None); "
+                             f"got {self.master_weights!r}")
+        if self.master_weights is not None and self.quantize is None:
+            raise ValueError("master_weights needs quantize: only quantized weights need a float32 master copy")
         if self.target_modules is not None and (
             isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules)
         ):

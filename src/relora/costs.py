@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from transformers import LlamaConfig
 
 from relora.models import _always_trained, _linear_shapes
+from relora.quantize import frozen_bytes_per_weight
 
 ADAM_STATE_FACTOR = 2  # exp_avg and exp_avg_sq
 
@@ -36,6 +37,9 @@ class CostModel:
     seq_len: int
     rank: int
     frozen_bytes: int = 4  # bytes per frozen base weight: 4 float32, 2 bfloat16
+    # quantized frozen weights: "int8" (1 byte + a float32 scale per row) or "nf4" (half a byte + a float32
+    # absmax per block of 64); None = frozen_bytes each
+    quantize: str | None = None
     param_bytes: int = 4  # trainable parameters, their gradients and Adam moments: float32
 
     @property
@@ -95,11 +99,18 @@ class CostModel:
         """Bytes of weights, gradients and optimizer state of ``method``."""
         _check(method)
         trainable = self.trainable_params(method)
-        frozen = self.wrapped_params if method == "relora" else 0
-        weights = trainable * self.param_bytes + frozen * self.frozen_bytes
+        frozen = self.frozen_weight_bytes if method == "relora" else 0
+        weights = trainable * self.param_bytes + frozen
         grads = trainable * self.param_bytes
         optimizer = ADAM_STATE_FACTOR * trainable * self.param_bytes
         return {"weights": weights, "grads": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
+
+    @property
+    def frozen_weight_bytes(self) -> int:
+        """Bytes of ReLoRA's frozen weights in their storage format, scales included."""
+        per_layer = sum(i * o * frozen_bytes_per_weight(self.quantize, i, dtype_bytes=self.frozen_bytes)
+                        for i, o in self.linear_shapes)
+        return round(self.layers * per_layer)
 
     @property
     def memory_bound(self) -> float:
@@ -160,6 +171,8 @@ class CostModel:
             "seq_len": self.seq_len,
             "rank": self.rank,
             "frozen_bytes": self.frozen_bytes,
+            "quantize": self.quantize,
+            "frozen_weight_bytes": self.frozen_weight_bytes,
             "params": {m: {"total": self.total_params(m), "trainable": self.trainable_params(m)} for m in METHODS},
             "flops_per_token": {m: self.flops_per_token(m) for m in METHODS},
             "state_bytes": {m: self.state_bytes(m) for m in METHODS},

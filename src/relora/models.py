@@ -18,6 +18,8 @@ from types import SimpleNamespace
 import torch
 import transformers
 import yaml
+
+from relora.quantize import logical_numel
 from packaging.version import Version
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -128,9 +130,10 @@ def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) numbers of parameters; shared tensors are counted once."""
+    """(trainable, total) numbers of parameters; shared tensors are counted once, an NF4 tensor
+    (two weights per byte) by the weights it stands for."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(p.numel() for p in params if p.requires_grad), sum(logical_numel(p) for p in params)
 
 
 def _linear_shapes(cfg: LlamaConfig | SimpleNamespace) -> list[tuple[int, int, bool]]:

@@ -26,7 +26,7 @@ RESUME_INCOMPATIBLE = (
     "reset_every", "merge_every", "restart_warmup_steps", "rank", "alpha", "dropout", "target_modules",
     "prune", "prune_ratio", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
     "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
-    "restarts", "optimizer_reset", "jagged", "warm_start", "distributed",
+    "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
 )
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 
@@ -52,6 +52,8 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    quantize: str | None = None  # frozen base weights of wrapped layers in "nf4" or "int8" (bitsandbytes)
+    master_weights: str | None = None  # "cpu": float32 copy of those weights in CPU memory, merged into exactly
     prune: str = "magnitude"
     prune_ratio: float = 0.99
     lr: float = 1e-3  # peak LR of full-rank training (and of the warm start)
@@ -128,7 +130,20 @@ class TrainConfig:
             )
         if self.method == "online-relora" and self.merge_every is None:
             raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
-        self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals)
+        self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals, quantize)
+        if self.quantize is not None:
+            if self.method not in ADAPTER_METHODS:
+                raise ConfigError(f"quantize stores the frozen weights of adapter methods; method {self.method} "
+                                  "trains every weight at full rank")
+            if self.distributed == "fsdp":
+                raise ConfigError("quantize does not work with --distributed fsdp (FSDP2 cannot shard quantized "
+                                  "weights); use --distributed ddp")
+            from relora.quantize import BitsAndBytesMissing, require_bitsandbytes
+
+            try:
+                require_bitsandbytes(self.quantize)
+            except BitsAndBytesMissing as exc:
+                raise ConfigError(str(exc)) from None
         check_device(self.device)
         if self.model and self.init_from is None:  # the architecture, before any data is read or prepared
             try:
@@ -204,6 +219,8 @@ class TrainConfig:
                 prune_ratio=self.prune_ratio,
                 warm_start_steps=self.relora_phase_start,
                 seed=self.seed,
+                quantize=self.quantize,
+                master_weights=self.master_weights,
             )
         except ValueError as exc:
             raise ConfigError(str(exc).replace("r must", "rank must")) from None
