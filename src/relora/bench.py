@@ -330,10 +330,11 @@ def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: 
             result["memory_bound"] = cost.memory_bound
             result["memory_of_bound"] = result["memory_ratio"] / cost.memory_bound
             act_bytes = 2 if setup.device.startswith("cuda") else 4  # autocast bf16 on GPU (roughly)
-            result["memory_predicted"] = cost.memory_predicted(setup.micro_batch, act_bytes)
+            ckpt = setup.gradient_checkpointing
+            result["memory_predicted"] = cost.memory_predicted(setup.micro_batch, act_bytes, ckpt)
             result["memory_of_predicted"] = result["memory_ratio"] / result["memory_predicted"]
             for m in methods:
-                result["methods"][m]["predicted_peak_bytes"] = cost.peak_bytes(m, setup.micro_batch, act_bytes)["peak"]
+                result["methods"][m]["predicted_peak_bytes"] = cost.peak_bytes(m, setup.micro_batch, act_bytes, ckpt)["peak"]
     return result
 
 
@@ -363,7 +364,7 @@ def format_result(result: dict) -> str:
         lines.append(f"largest micro-batch that fits, {method}: {size}")
     if "merge" in result:
         m = result["merge"]
-        lines.append(f"merge_and_reinit {m['merge_s']:.3f} s = {100 * (m['merge_fraction'] or 0):.3f}% of one reset "
+        lines.append(f"merge_and_reinit {m['merge_s']:.3f} s = {100 * (m['merge_fraction'] or 0):.2g}% of one reset "
                      f"interval ({m['reset_every']} steps, {m['interval_train_s']:,.0f} s of training at this speed)")
     return "\n".join(lines)
 

@@ -118,7 +118,7 @@ class CostModel:
         return self.state_bytes("relora")["total"] / self.state_bytes("full")["total"]
 
     # ---------------------------------------------------------------- peak memory, activations included
-    def activation_floats_per_token(self, method: str) -> int:
+    def activation_floats_per_token(self, method: str, checkpointing: bool = False) -> int:
         """Values autograd saves for the backward pass, per token (transformers' LLaMA, SDPA attention).
 
         Per layer: six hidden-width tensors around the two RMSNorms and the
@@ -128,7 +128,9 @@ class CostModel:
         log-sum-exp (one per head); each adapter adds its r-wide A x. Once per
         model: logits' log-softmax (vocab), final norm and head input (3h), RoPE
         cos/sin (2 x head dim) and a few scalars. Checked against autograd's
-        saved-tensor hooks in tests/test_costs.py.
+        saved-tensor hooks in tests/test_costs.py. With activation
+        ``checkpointing`` each block keeps only its input (h), and one block at
+        a time holds its full set while it is recomputed.
         """
         _check(method)
         c, h = self.config, self.config.hidden_size
@@ -138,9 +140,11 @@ class CostModel:
         per_layer = 6 * h + 2 * q + 2 * kv + 4 * c.intermediate_size + c.num_attention_heads + 2
         if method == "relora":
             per_layer += len(self.linear_shapes) * self.rank
-        return self.layers * per_layer + c.vocab_size + 3 * h + 2 * head_dim + 5
+        layers = (h * self.layers + per_layer) if checkpointing else self.layers * per_layer
+        return layers + c.vocab_size + 3 * h + 2 * head_dim + 5
 
-    def peak_bytes(self, method: str, micro_batch: int, activation_bytes: int = 4) -> dict[str, int]:
+    def peak_bytes(self, method: str, micro_batch: int, activation_bytes: int = 4,
+                   checkpointing: bool = False) -> dict[str, int]:
         """Predicted peak memory of one training step, and the two moments that compete for it.
 
         ``backward``: weights + Adam moments + every saved activation + the
@@ -153,7 +157,7 @@ class CostModel:
         """
         state = self.state_bytes(method)
         tokens = micro_batch * self.seq_len
-        activations = tokens * self.activation_floats_per_token(method) * activation_bytes
+        activations = tokens * self.activation_floats_per_token(method, checkpointing) * activation_bytes
         logits_grad = 2 * tokens * self.config.vocab_size * 4
         largest = self.config.vocab_size * self.config.hidden_size * self.param_bytes
         backward = state["weights"] + state["optimizer"] + activations + logits_grad
@@ -161,10 +165,10 @@ class CostModel:
         return {"activations": activations, "backward": backward, "optimizer": optimizer,
                 "peak": max(backward, optimizer)}
 
-    def memory_predicted(self, micro_batch: int, activation_bytes: int = 4) -> float:
+    def memory_predicted(self, micro_batch: int, activation_bytes: int = 4, checkpointing: bool = False) -> float:
         """Predicted peak memory of ReLoRA over full-rank at this micro-batch, activations included."""
-        return (self.peak_bytes("relora", micro_batch, activation_bytes)["peak"]
-                / self.peak_bytes("full", micro_batch, activation_bytes)["peak"])
+        return (self.peak_bytes("relora", micro_batch, activation_bytes, checkpointing)["peak"]
+                / self.peak_bytes("full", micro_batch, activation_bytes, checkpointing)["peak"])
 
     def to_dict(self) -> dict:
         return {
