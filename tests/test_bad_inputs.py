@@ -214,6 +214,9 @@ CASES = [
     Case("train-dist-timeout-zero", lambda w: train(w, "--dist-timeout-s", "0"), "dist_timeout_s"),
     Case("train-distributed-bogus", lambda w: train(w, "--distributed", "bogus"), "distributed must be one of"),
     Case("train-device-bogus", lambda w: train(w, "--device", "gpu0"), "unknown device 'gpu0'"),
+    Case("train-on-bad-steps-bogus", lambda w: train(w, "--on-bad-steps", "ignore"), "on_bad_steps must be"),
+    Case("train-max-bad-steps-negative", lambda w: train(w, "--max-bad-steps", "-1"), "max_bad_steps"),
+    Case("train-quantize-bogus", lambda w: train(w, "--quantize", "int4"), "int4"),
     Case("train-steps-not-int", lambda w: train(w, "--steps", "many"), "--steps", usage=True),
     Case("train-unknown-flag", lambda w: train(w, "--rnak", "4"), "--rnak", usage=True),
     # ------------------------------------------------------------ train: data and paths
@@ -323,6 +326,8 @@ CASES = [
     Case("bench-repeats-zero", lambda w: ["bench", "--repeats", "0", "--device", "cpu", "--no-memory"], "--repeats"),
     Case("bench-frozen-dtype-bogus", lambda w: ["bench", "--frozen-dtype", "int8", "--device", "cpu"],
          "--frozen-dtype"),
+    Case("bench-max-micro-batch-on-cpu", lambda w: ["bench", "--device", "cpu", "--max-micro-batch", "--no-memory"],
+         "needs a CUDA device"),
     Case("bench-device-bogus", lambda w: ["bench", "--device", "gpu0", "--no-memory"], "unknown device 'gpu0'"),
     # ------------------------------------------------------------ finetune
     Case("finetune-missing-file", lambda w: ["finetune", w.scratch("train.csv"), "--model", w.run / "final",
