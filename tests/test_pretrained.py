@@ -126,3 +126,17 @@ def test_cli_prepares_with_a_model_tokenizer_and_trains_from_its_directory(prepa
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
     assert type(final).__name__ == "GPTNeoXForCausalLM"
     assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
+
+
+def test_seq_len_beyond_learned_positions_is_a_config_error(prepared_data, tmp_path):
+    from relora.models import ConfigError
+
+    saved_model("gpt2", tmp_path / "gpt2")  # 64 learned positions
+    cfg = run_config(prepared_data, tmp_path / "run", init_from=str(tmp_path / "gpt2"), warm_start_steps=0,
+                     seq_len=128, batch_tokens=512, steps=4, reset_every=2, restart_warmup_steps=1, warmup_steps=1)
+    with pytest.raises(ConfigError, match="--seq-len 128 is longer than the 64 positions GPT2LMHeadModel"):
+        train(cfg, progress=False)
+    saved_model("llama", tmp_path / "llama")  # rotary: no hard limit, so no error at the same length
+    from relora.train import learned_positions
+
+    assert learned_positions(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama")) is None

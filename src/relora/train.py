@@ -141,11 +141,24 @@ def make_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
                 f"the data's vocabulary ({vocab_size}) is larger than the model's embedding "
                 f"({model.get_input_embeddings().num_embeddings}); prepare the data with the model's tokenizer"
             )
+        positions = learned_positions(model)
+        if positions is not None and cfg.seq_len > positions:
+            raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the {positions} positions {type(model).__name__} "
+                              f"has learned embeddings for; use --seq-len {positions} or less")
         return model
     arch = cfg.model
     if cfg.method == "control":
         arch = control_model_config(cfg.model, vocab_size, cfg.rank)
     return build_model(llama_config(arch, vocab_size, cfg.seq_len), cfg.seed)
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with learned absolute position embeddings (GPT-2's ``wpe``) can take;
+    None for rotary or other relative schemes, which have no hard limit."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings"):
+            return module.num_embeddings
+    return None
 
 
 def prepare_for_training(cfg: TrainConfig, model: nn.Module) -> nn.Module:
