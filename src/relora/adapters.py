@@ -11,16 +11,23 @@ neither is deterministic across data-parallel ranks, hence the code below.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
-import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
-from torch import nn
+# peft imports bitsandbytes when it is installed (relora[baselines] brings it in with galore-torch and
+# apollo-torch), and on CPUs with AVX512-BF16 bitsandbytes then warns at import that an optional 4-bit kernel
+# package is missing. relora uses no bitsandbytes kernel; the warning would be a stray stderr line in every
+# command, in front of the CLI's one-line errors. Only that message is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit_forward" not in record.msg)
 
-from relora import sharding
-from relora.config import ReLoRAConfig
+import torch  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from torch import nn  # noqa: E402
+
+from relora import sharding  # noqa: E402
+from relora.config import ReLoRAConfig  # noqa: E402
 
 ADAPTER = "default"
 
