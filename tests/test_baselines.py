@@ -161,7 +161,8 @@ def test_published_defaults_and_overrides(prepared_data, tmp_path):
     assert (apollo.rank, apollo.scale, apollo.scale_type, apollo.proj, apollo.scale_front) == (
         256, 1.0, "channel", "random", False)
     mini = settings("60m", "apollo-mini")[1]
-    assert (mini.rank, mini.scale, mini.scale_type, mini.proj, mini.scale_front) == (1, 128.0, "tensor", "random", True)
+    assert (mini.rank, mini.scale, mini.scale_type, mini.proj, mini.scale_front) == (
+        1, 128.0, "tensor", "random", True)
     cfg, custom = settings("60m", "apollo-mini", proj_rank=4, proj_scale=2.0, update_proj_gap=50, scale_front=False)
     assert (custom.rank, custom.scale, custom.update_proj_gap, custom.scale_front) == (4, 2.0, 50, False)
     _set_lr(cfg, 3e-3)  # --lr of a projection method is its own LR; full-rank lr and relora_lr stay
@@ -202,6 +203,9 @@ def test_compare_baselines_table_has_every_method(prepared_data, tmp_path, capsy
     assert rows["relora"]["restarts"] == 1 and rows["relora-no-warm-start"]["restarts"] == 2
     assert yaml.safe_load((out / "runs" / "relora-no-warm-start" / "config.yaml").read_text())["warm_start"] is False
     assert rows["galore"]["trainable_params"] == rows["full"]["trainable_params"] > rows["relora"]["trainable_params"]
+    assert yaml.safe_load((out / "runs" / "apollo-mini" / "config.yaml").read_text())["proj_rank"] == 1  # not RANK
+    state = {name: row["optimizer_state_bytes"] for name, row in rows.items()}
+    assert state["apollo-mini"] < state["apollo"] < state["full"] and state["galore"] < state["full"]
     # GaLore's update lies in one rank-8 subspace per projection period (steps 8-9, 10-19, 20-23 after the reference)
     assert RANK < rows["galore"]["mean_rank"] <= 3 * RANK
     assert (out / "baselines-loss.png").stat().st_size > 0 and (out / "baselines-spectra.png").is_file()

@@ -76,7 +76,8 @@ BASELINES_SET = [
     RunSpec("relora-no-warm-start", {"method": "relora", "warm_start": False}),  # GaLore Table 2's ReLoRA
     RunSpec("galore", {"method": "galore"}),
     RunSpec("apollo", {"method": "apollo"}),
-    RunSpec("apollo-mini", {"method": "apollo-mini"}),
+    # rank 1 is what makes APOLLO-mini (APOLLO paper): a --proj-rank given to the set is GaLore's and APOLLO's
+    RunSpec("apollo-mini", {"method": "apollo-mini", "proj_rank": 1}),
 ]
 SETS = {"main": MAIN_SET, "ablation": ABLATION_SET, "baselines": BASELINES_SET}
 TABLE_SETS = ("main", "baselines")  # sets written as the method table (the others as Table 6)
