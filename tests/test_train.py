@@ -13,8 +13,8 @@ import relora
 from relora import checkpoint as ckpt
 from relora.train import build_phase, make_model, train
 
-METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "restarts",
-                 "pruned_fraction"}
+METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes",
+                 "restarts", "pruned_fraction"}
 
 
 def records(run_dir):

@@ -52,9 +52,20 @@ def _describe_data(meta: dict) -> str:
 
 
 # ---------------------------------------------------------------- train
+def _yes_no(text: str) -> bool:
+    """A boolean flag value: yes/no, true/false, on/off, 1/0."""
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
 TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of the same name
     "--preset": (str, "model size and recipe: tiny, 9m, 20m, 60m, 130m, 250m, 350m, 1b"),
-    "--method": (str, "full, control, lora, lora-ws, relora (default), online-relora"),
+    "--method": (str, "full, control, lora, lora-ws, relora (default), online-relora; galore, apollo, apollo-mini "
+                      "(pip install 'relora[baselines]')"),
     "--data": (str, "prepared data directory (default: the Python stdlib corpus, prepared once into the cache)"),
     "--out": (str, "run directory (default: runs/PRESET-METHOD-TIME)"),
     "--steps": (int, "optimizer steps in total, warm start included"),
@@ -70,6 +81,13 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
+    "--proj-lr": (float, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)"),
+    "--proj-rank": (int, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank for the model "
+                         "width, e.g. 128 at 60m, 256 at 130m-350m, width/4 otherwise; 1 for apollo-mini)"),
+    "--update-proj-gap": (int, "steps between GaLore's / APOLLO's projection updates (default 200)"),
+    "--proj-scale": (float, "GaLore's / APOLLO's scale (default: galore 0.25, apollo 1, apollo-mini 128)"),
+    "--scale-front": (_yes_no, "APOLLO: apply the norm-growth limiter after the scale, yes or no "
+                               "(default: yes for apollo-mini, no for apollo)"),
     "--batch-tokens": (int, "global batch size in tokens"),
     "--micro-batch": (int, "sequences per forward pass (gradient accumulation is derived)"),
     "--seq-len": (int, "sequence length in tokens"),
@@ -117,11 +135,16 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def _set_lr(config, lr: float | None) -> None:
-    """--lr is the peak LR of the method's main phase: relora_lr for adapter methods."""
-    from relora.run_config import ADAPTER_METHODS
+    """--lr is the peak LR of the method's main phase: relora_lr for adapter methods, proj_lr for GaLore/APOLLO."""
+    from relora.run_config import ADAPTER_METHODS, PROJECTION_METHODS
 
     if lr is not None:
-        setattr(config, "relora_lr" if config.method in ADAPTER_METHODS else "lr", lr)
+        if config.method in ADAPTER_METHODS:
+            config.relora_lr = lr
+        elif config.method in PROJECTION_METHODS:
+            config.proj_lr = lr
+        else:
+            config.lr = lr
 
 
 def _newest_run(preset: str, method: str) -> Path:
@@ -225,8 +248,12 @@ def _format_summary(s) -> str:
         f"val ppl      {ppl}" + (f"   (val loss {s.val_loss:.4f})" if s.val_loss is not None else ""),
         f"parameters   {s.trainable_params:,} trainable of {s.total_params:,}",
         f"restarts     {s.restarts}   merges {s.merges}",
-        f"peak memory  {s.peak_mem_bytes / 2**20:,.0f} MiB",
+        f"peak memory  {s.peak_mem_bytes / 2**20:,.0f} MiB   optimizer state {s.optimizer_state_bytes / 2**20:,.2f} MiB"
+        + (f" (peak {s.peak_optimizer_state_bytes / 2**20:,.2f} MiB)"
+           if s.peak_optimizer_state_bytes > s.optimizer_state_bytes else ""),
     ]
+    if s.tokens_per_s:
+        lines.append(f"throughput   {s.tokens_per_s:,.0f} tokens/s (training steps only)")
     if s.skipped_steps:
         lines.append(f"skipped      {s.skipped_steps} steps with non-finite loss or gradients")
     if not s.interrupted:
@@ -362,7 +389,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.compare import SETS, compare
+    from relora.compare import PAPER_SETS, compare
     from relora.data import prepare_default_corpus
     from relora.run_config import resolve_config
 
@@ -370,7 +397,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = resolve_config(config_file=args.config, overrides=overrides)  # validates before any work
     if base.data is None:
         overrides["data"] = str(prepare_default_corpus(base.cache_dir, base.vocab_size, progress=not args.no_progress))
-    sets = list(SETS) if args.set == "all" else [args.set]
+    sets = list(PAPER_SETS) if args.set == "all" else [args.set]
     if args.no_progress:
         _quiet_transformers()
     with logging_redirect_tqdm():
@@ -539,10 +566,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="run the paper's methods (and Table 6 ablation) with matched budgets",
                        description="Train full, control, lora, lora-ws, relora (main set) and ReLoRA with each "
-                                   "component switched off (ablation set) from one config; write tables and "
-                                   "figures. Finished runs are reused, unfinished ones resumed.",
+                                   "component switched off (ablation set) from one config, or ReLoRA with and "
+                                   "without warm start beside full, lora-ws, GaLore, APOLLO and APOLLO-mini "
+                                   "(baselines set); write tables and figures. Finished runs are reused, "
+                                   "unfinished ones resumed.",
                        argument_default=argparse.SUPPRESS)
-    c.add_argument("--set", default="all", choices=["main", "ablation", "all"], help="which set of runs (default all)")
+    c.add_argument("--set", default="all", choices=["main", "ablation", "baselines", "all"],
+                   help="which set of runs (default all: main and ablation; baselines needs "
+                        "pip install 'relora[baselines]')")
     c.add_argument("--out", default="comparison", help="where tables and figures go (default ./comparison)")
     c.add_argument("--runs", default=None, help="where the run directories go (default OUT/runs)")
     c.add_argument("--config", default=None, help="YAML file of settings shared by every run")

@@ -1,8 +1,11 @@
-"""``relora compare``: the paper's method comparison and its Table 6 ablation, with matched budgets.
+"""``relora compare``: the paper's method comparison, its Table 6 ablation, and ReLoRA beside GaLore and APOLLO.
 
 Every run of a set is one ``relora train`` with the same preset, data, token
 budget, schedule and seed, differing only in its method or one ablation
-switch. Runs live in ``RUNS/NAME/``; a finished run whose config matches is
+switch. The ``baselines`` set puts both ReLoRA rows that later papers
+disagree on (with the warm start, as the paper prescribes, and without it, as
+GaLore's Table 2 measured it) next to full-rank training, LoRA and the
+published GaLore and APOLLO optimizers. Runs live in ``RUNS/NAME/``; a finished run whose config matches is
 reused and an unfinished one is resumed, so an interrupted comparison
 continues where it stopped. Results: markdown tables, a JSON file, the loss
 figure and the spectra figures under ``OUT/``.
@@ -23,7 +26,7 @@ from relora.analysis import analyze_runs, write_analysis
 from relora.data import load_prepared
 from relora.models import ConfigError
 from relora.plots import plot_curves
-from relora.run_config import TrainConfig, incompatible_changes, resolve_config
+from relora.run_config import ADAPTER_METHODS, TrainConfig, incompatible_changes, resolve_config
 from relora.runs import read_config, read_curves, read_summary
 from relora.spectra import DEFAULT_THRESHOLD
 
@@ -42,7 +45,7 @@ class RunSpec:
     def switches(self) -> dict[str, bool]:
         """Table 6's columns: which ReLoRA components this run has."""
         method = self.settings["method"]
-        if method in ("full", "control"):
+        if method not in ADAPTER_METHODS:
             return {}
         on = {k: self.settings.get(k, True) for k in ABLATION_SWITCHES}
         if method in ("lora", "lora-ws"):
@@ -66,7 +69,19 @@ ABLATION_SET = [
     RunSpec("lora-ws", {"method": "lora-ws"}),
     RunSpec("full", {"method": "full"}),
 ]
-SETS = {"main": MAIN_SET, "ablation": ABLATION_SET}
+BASELINES_SET = [
+    RunSpec("full", {"method": "full"}),
+    RunSpec("lora-ws", {"method": "lora-ws"}),
+    RunSpec("relora", {"method": "relora"}),
+    RunSpec("relora-no-warm-start", {"method": "relora", "warm_start": False}),  # GaLore Table 2's ReLoRA
+    RunSpec("galore", {"method": "galore"}),
+    RunSpec("apollo", {"method": "apollo"}),
+    # rank 1 is what makes APOLLO-mini (APOLLO paper): a --proj-rank given to the set is GaLore's and APOLLO's
+    RunSpec("apollo-mini", {"method": "apollo-mini", "proj_rank": 1}),
+]
+SETS = {"main": MAIN_SET, "ablation": ABLATION_SET, "baselines": BASELINES_SET}
+TABLE_SETS = ("main", "baselines")  # sets written as the method table (the others as Table 6)
+PAPER_SETS = ("main", "ablation")  # what ``--set all`` runs: the ReLoRA paper's tables, no extra packages
 
 
 def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_file: str | None,
@@ -122,23 +137,37 @@ def _row_values(run: Path) -> dict[str, Any]:
     return summary
 
 
+def _fmt_state(summary: dict) -> str:
+    """Optimizer state at the end of the run in MB; a larger peak (ReLoRA's full-rank warm start) after it."""
+    final, peak = summary.get("optimizer_state_bytes"), summary.get("peak_optimizer_state_bytes", 0)
+    if final is None:  # a run from before the state was measured
+        return "n/a"
+    return f"{final / 1e6:.2f}" + (f" (peak {peak / 1e6:.2f})" if peak > final else "")
+
+
 def comparison_table(specs: list[RunSpec], runs_dir: Path, spectra_rank: dict[str, float]) -> tuple[str, list[dict]]:
-    """Markdown table of final val ppl, ratio to full-rank, parameters, dW rank, speed and time."""
+    """Markdown table of final val ppl, ratio to full-rank, parameters, optimizer state, dW rank, speed and time.
+
+    tokens/s is the training throughput the run measured (evaluation and
+    checkpoints excluded); wall time is the whole run.
+    """
     rows = []
     full = read_summary(runs_dir / "full") if (runs_dir / "full").is_dir() else None
     lines = [
-        "| method | val ppl | ppl / full | trainable params | total params | mean rank of dW | restarts | tokens/s | wall time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | val ppl | ppl / full | trainable params | total params | optimizer state MB | mean rank of dW "
+        "| restarts | tokens/s | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec in specs:
         s = _row_values(runs_dir / spec.name)
         ratio = s["val_ppl"] / full["val_ppl"] if full and full.get("val_ppl") else math.nan
         rank = spectra_rank.get(spec.name, math.nan)
+        speed = s.get("tokens_per_s") or s["tokens"] / s["wall_s"]
         rows.append({"name": spec.name, **s, "ppl_over_full": ratio, "mean_rank": rank})
         lines.append(
             f"| {spec.name} | {s['val_ppl']:.2f} | {ratio:.3f} | {_fmt_params(s['trainable_params'])} | "
-            f"{_fmt_params(s['total_params'])} | {rank:.1f} | {s['restarts']} | "
-            f"{s['tokens'] / s['wall_s']:,.0f} | {s['wall_s'] / 60:.1f} min |"
+            f"{_fmt_params(s['total_params'])} | {_fmt_state(s)} | {rank:.1f} | {s['restarts']} | "
+            f"{speed:,.0f} | {s['wall_s'] / 60:.1f} min |"
         )
     return "\n".join(lines) + "\n", rows
 
@@ -202,7 +231,7 @@ def compare(
         members = SETS[name]
         curves = [read_curves(runs_dir / s.name) for s in members]
         figures = {"loss": plot_curves(curves, out / f"{name}-loss.png", title=f"{configs[0].preset}: {name} set")}
-        if name == "main":
+        if name in TABLE_SETS:
             adapter_runs = [s for s in members if s.name != "control"]  # control is a different shape
             spectra = analyze_runs([runs_dir / s.name for s in adapter_runs], threshold=threshold)
             figures.update(write_analysis(spectra, out, threshold=threshold, prefix=f"{name}-"))

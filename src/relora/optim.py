@@ -91,3 +91,36 @@ def prune_optimizer_state(
             zeroed += sharding.count_zero_in_both(m, v)
             total += v.numel()
     return zeroed / total if total else 0.0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this process's optimizer state holds: every tensor reachable from ``optimizer.state``, measured.
+
+    The walk goes through dicts, lists, tuples and the attributes of other
+    objects, so the projection matrices that GaLore and APOLLO keep on a
+    projector object inside the state are counted with the moments. Each
+    storage is counted once and whole, views included: that is what stays
+    allocated (GaLore 1.0 keeps a slice of the full SVD factor, so it holds
+    min(m, n) x n, not r x n). Sharded (FSDP2) state counts the local shard.
+    """
+    seen: set[tuple[str, int]] = set()
+
+    def walk(value: object, depth: int) -> int:
+        if torch.is_tensor(value):
+            storage = sharding.local(value).untyped_storage()
+            key = (str(storage.device), storage.data_ptr())
+            if storage.nbytes() == 0 or key in seen:
+                return 0
+            seen.add(key)
+            return storage.nbytes()
+        if depth > 4:
+            return 0
+        if isinstance(value, dict):
+            return sum(walk(v, depth + 1) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v, depth + 1) for v in value)
+        if hasattr(value, "__dict__") and not isinstance(value, type):
+            return sum(walk(v, depth + 1) for v in vars(value).values())
+        return 0
+
+    return sum(walk(state, 0) for state in optimizer.state.values())

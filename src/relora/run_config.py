@@ -17,8 +17,10 @@ import yaml
 from relora.config import ReLoRAConfig
 from relora.models import ConfigError, check_device, llama_config, load_preset
 
-METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora")
+METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora", "galore", "apollo", "apollo-mini")
 ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
+# Full-rank weights, low-rank optimizer state: the published GaLore / APOLLO optimizers (relora.baselines).
+PROJECTION_METHODS = ("galore", "apollo", "apollo-mini")
 
 # Changing these makes a checkpoint mean something else: a resume refuses them.
 RESUME_INCOMPATIBLE = (
@@ -27,6 +29,7 @@ RESUME_INCOMPATIBLE = (
     "prune", "prune_ratio", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
     "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
     "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
+    "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front",
 )
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 
@@ -78,6 +81,12 @@ class TrainConfig:
     optimizer_reset: bool = True
     jagged: bool = True
     warm_start: bool = True
+    # GaLore / APOLLO / APOLLO-mini (relora.baselines); None = the method's published default
+    proj_lr: float = 1e-2  # peak LR of the projection methods: 0.01 in the GaLore and APOLLO scripts
+    proj_rank: int | None = None  # gradient projection rank; None: GaLore's rank for the width, 1 for apollo-mini
+    update_proj_gap: int = 200  # steps between projection updates (both papers' scripts)
+    proj_scale: float | None = None  # None: 0.25 galore, 1 apollo, 128 apollo-mini
+    scale_front: bool | None = None  # APOLLO's norm-growth limiter after the scale; None: on for apollo-mini only
     device: str = "auto"
     gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
     compile: bool = False  # torch.compile the model
@@ -114,7 +123,7 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "warmup_steps", "warm_start_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        for name in ("lr", "relora_lr"):
+        for name in ("lr", "relora_lr", "proj_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.batch_tokens % self.seq_len:
@@ -128,6 +137,16 @@ class TrainConfig:
             raise ConfigError(
                 f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}"
             )
+        if self.proj_rank is not None and self.proj_rank < 1:
+            raise ConfigError(f"proj_rank must be a positive integer, got {self.proj_rank!r}")
+        if self.update_proj_gap < 1:
+            raise ConfigError(f"update_proj_gap must be a positive integer, got {self.update_proj_gap!r}")
+        if self.proj_scale is not None and not self.proj_scale > 0:
+            raise ConfigError(f"proj_scale must be > 0, got {self.proj_scale!r}")
+        if self.method in PROJECTION_METHODS:
+            from relora.baselines import optimizer_class
+
+            optimizer_class(self.method)  # a missing extra fails here, before any data is read
         if self.method == "online-relora" and self.merge_every is None:
             raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
         self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals, quantize)
@@ -197,11 +216,13 @@ class TrainConfig:
         return self.warm_start_steps
 
     def peak_lr(self, wrapped: bool) -> float:
+        if self.method in PROJECTION_METHODS:
+            return self.proj_lr
         return self.relora_lr if wrapped else self.lr
 
     def relora_config(self) -> ReLoRAConfig | None:
         """The adapter / restart settings this method and its ablation switches mean."""
-        if self.method in ("full", "control"):
+        if self.method not in ADAPTER_METHODS:
             return None
         restarts = self.restarts and self.method in ("relora", "online-relora")
         reset_every = self.reset_every if restarts else None

@@ -43,7 +43,8 @@ from relora.models import (
     llama_config,
     load_pretrained,
 )
-from relora.run_config import TrainConfig
+from relora.optim import optimizer_state_bytes
+from relora.run_config import ADAPTER_METHODS, PROJECTION_METHODS, TrainConfig
 from relora.schedule import jagged_cosine_scheduler
 from relora.tracking import finish_wandb, log_wandb, start_wandb
 
@@ -64,6 +65,9 @@ class RunSummary:
     restarts: int
     merges: int
     peak_mem_bytes: int
+    optimizer_state_bytes: int = 0  # measured at the end of the run (the method's steady state)
+    peak_optimizer_state_bytes: int = 0  # the largest measured during the run (a warm start's full AdamW)
+    tokens_per_s: float | None = None  # training throughput, evaluation and checkpointing excluded
     val_loss: float | None = None
     val_ppl: float | None = None
     skipped_steps: int = 0
@@ -124,6 +128,16 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory count afresh, so that a run in a process that ran others (``relora compare``)
+    reports its own peak. On CPU, Linux resets the process's peak RSS on writing 5 to clear_refs."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -210,8 +224,13 @@ def build_phase(
     """
     relora_cfg = cfg.relora_config()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
+    if cfg.method in PROJECTION_METHODS:
+        from relora.baselines import build_projection_optimizer  # imports the optional galore/apollo packages
+
+        optimizer = build_projection_optimizer(cfg, model)
+    else:
+        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay)
     for name, param in named:
         if previous and name in previous:
             optimizer.state[param] = {k: _like_param(v, param) for k, v in previous[name].items()}
@@ -346,14 +365,18 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     autocast = autocast_for(device)
     relora_cfg = cfg.relora_config()
     micro_steps = cfg.micro_steps(dist.world_size)
+    if dist.sharded and cfg.method in PROJECTION_METHODS:
+        raise ConfigError(f"--method {cfg.method} needs whole gradients for its projection and does not run "
+                          "under FSDP; use --distributed ddp")
     data = load_prepared(cfg.data)
     train_windows = TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split")
     val_windows = TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
     order = data_order(cfg, train_windows)
 
+    reset_peak_memory(device)
     model = make_model(cfg, data.vocab_size)
-    state = {"step": 0, "tokens": 0, "wall_s": 0.0, "skipped_steps": 0, "wrapped": False,
-             "vocab_size": data.vocab_size, "world_size": dist.world_size}
+    state = {"step": 0, "tokens": 0, "wall_s": 0.0, "train_s": 0.0, "skipped_steps": 0, "wrapped": False,
+             "peak_optimizer_state_bytes": 0, "vocab_size": data.vocab_size, "world_size": dist.world_size}
     restored = dist.broadcast_object(ckpt.latest_checkpoint(checkpoints, verify=True) if resume else None)
     if restored is not None:
         state = {**ckpt.read_trainer_state(restored), "world_size": dist.world_size}
@@ -431,6 +454,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                 logger.info("step %d: switched to %s (%s)", step, cfg.method, _param_counts(model))
 
             lr = phase.optimizer.param_groups[0]["lr"]
+            step_start = time.perf_counter()
             loss_sum = 0.0
             for micro in range(micro_steps):
                 # this rank's slice of the step's global batch: the same sequences whatever the world size
@@ -463,6 +487,9 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
             state["step"] = step = step + 1
             state["tokens"] += tokens_per_step
             event = phase.controller.step(step) if phase.controller is not None else None
+            state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - step_start
+            state_bytes = optimizer_state_bytes(phase.optimizer)  # after the step: the state exists from step 1
+            state["peak_optimizer_state_bytes"] = max(state.get("peak_optimizer_state_bytes", 0), state_bytes)
 
             spikes.observe(step, step_loss, event, phase.controller)
             window_loss += step_loss
@@ -475,6 +502,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                     "step": step, "tokens": state["tokens"], "loss": window_loss / window_steps, "lr": lr,
                     "grad_norm": grad_norm, "tokens_per_s": window_steps * tokens_per_step / elapsed,
                     "peak_mem_bytes": int(dist.all_reduce([peak_memory_bytes(device)], op="max")[0]),
+                    "optimizer_state_bytes": state_bytes,
                     "restarts": phase.controller.restarts if phase.controller else 0,
                     "merges": phase.controller.merges if phase.controller else 0,
                     "pruned_fraction": phase.controller.last_pruned_fraction if phase.controller else None,
@@ -520,6 +548,9 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         restarts=phase.controller.restarts if phase.controller else 0,
         merges=phase.controller.merges if phase.controller else 0,
         peak_mem_bytes=int(dist.all_reduce([peak_memory_bytes(device)], op="max")[0]),
+        optimizer_state_bytes=optimizer_state_bytes(phase.optimizer),
+        peak_optimizer_state_bytes=state.get("peak_optimizer_state_bytes", 0),
+        tokens_per_s=state["tokens"] / state["train_s"] if state.get("train_s") else None,
         val_loss=state.get("val_loss"),
         val_ppl=perplexity(state["val_loss"]) if "val_loss" in state else None,
         skipped_steps=state["skipped_steps"], interrupted=interrupted, notes=summary_notes,
@@ -569,11 +600,12 @@ def reference_step(cfg: TrainConfig) -> int | None:
     """Step whose weights ``relora analyze`` measures the update against by default.
 
     Where low-rank training starts: the end of the warm start, or step 0
-    without one. Full-rank runs use the step at which the adapter methods of
-    the same config switch, so that every method's dW starts from the same
-    weights (with equal seeds the warm starts are identical).
+    without one. Methods that train every weight (full, control, GaLore,
+    APOLLO) use the step at which the adapter methods of the same config
+    switch, so that dW spans the same steps in every run (for full-rank
+    training with equal seeds the warm starts are even identical).
     """
-    if cfg.method in ("full", "control"):
+    if cfg.method not in ADAPTER_METHODS:
         step = cfg.warm_start_steps if cfg.warm_start else 0
     else:
         step = cfg.relora_phase_start
