@@ -273,6 +273,25 @@ def max_micro_batch(setup: BenchSetup, method: str, limit: int = 4096) -> int:
         torch.cuda.empty_cache()
 
 
+def time_alternating(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
+                     say: Callable[[str], None]) -> dict[str, list[float]]:
+    """Seconds of each step function over ``repeats`` rounds after ``warmup`` untimed ones.
+
+    One call of every function per round, in turn, so that machine noise
+    (another job, thermal throttling) falls on all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+        say(f"round {i + 1}/{warmup + repeats}" + (" (warm-up)" if i < warmup else ""))
+    return times
+
+
 def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: int = 2, repeats: int = 5,
               memory: bool = True, merge: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Measure every method and return the JSON-ready result (see ``relora bench --help``)."""
@@ -287,15 +306,7 @@ def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: 
         say(f"building {method}")
         model, optimizer = build(setup, method)
         built[method] = (model, make_step(setup, model, optimizer))
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for i in range(warmup + repeats):
-        for method in methods:
-            start = time.perf_counter()
-            built[method][1]()
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times[method].append(elapsed)
-        say(f"round {i + 1}/{warmup + repeats}" + (" (warm-up)" if i < warmup else ""))
+    times = time_alternating({m: step for m, (_, step) in built.items()}, warmup, repeats, say)
     result: dict = {"setup": setup.__dict__, "tokens_per_step": tokens, "cost_model": cost.to_dict(), "methods": {}}
     for method in methods:
         model = built[method][0]

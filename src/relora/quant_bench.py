@@ -18,12 +18,11 @@ import dataclasses
 import multiprocessing
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from relora.bench import BenchSetup, make_step
+from relora.bench import BenchSetup, make_step, time_alternating
 from relora.models import ConfigError, build_model, count_parameters
 
 FORMATS = ("none", "int8", "nf4")
@@ -140,14 +139,7 @@ def run_quantize_bench(setup: BenchSetup, formats: tuple[str, ...] = FORMATS, *,
         say(f"building relora with frozen weights {fmt}")
         model, optimizer = build_relora(setup, fmt)
         built[fmt] = (model, make_step(setup, model, optimizer))
-    times: dict[str, list[float]] = {f: [] for f in formats}
-    for i in range(warmup + repeats):
-        for fmt in formats:
-            start = time.perf_counter()
-            built[fmt][1]()
-            if i >= warmup:
-                times[fmt].append(time.perf_counter() - start)
-        say(f"round {i + 1}/{warmup + repeats}" + (" (warm-up)" if i < warmup else ""))
+    times = time_alternating({f: step for f, (_, step) in built.items()}, warmup, repeats, say)
     result: dict = {"setup": dataclasses.asdict(setup), "tokens_per_step": tokens, "formats": {}}
     for fmt in formats:
         model = built[fmt][0]
