@@ -11,7 +11,6 @@ to the end of its steps.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -381,8 +380,8 @@ def format_result(result: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
+    from relora.checkpoint import write_json_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, result)

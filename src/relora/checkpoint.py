@@ -56,12 +56,21 @@ def _write_json(path: Path, value: Any) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary sibling, fsync, rename: readers (and a resume after a crash) see the old file
+    or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    _write_json(tmp, value)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """``write_text_atomic`` of ``value`` as indented JSON."""
+    write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def rng_state() -> dict:

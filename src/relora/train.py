@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import resource
 import shutil
 import signal
@@ -406,7 +405,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
+        ckpt.write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
         _truncate_metrics(metrics_path, state["step"])
 
     from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
@@ -662,14 +661,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             kept.append(line)
-    _write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Readers (and a resume after a crash) see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _yaml(values: dict) -> str:
