@@ -229,10 +229,11 @@ def test_existing_other_content_is_untouched(corpus: Path, tmp_path: Path) -> No
     (out / "keep.txt").write_text("precious")
     (out / "sub" / "meta.json").write_text("{}")
     before = snapshot(out)
-    with pytest.raises(DataError) as err:
-        prepare([corpus], out, vocab_size=VOCAB, text_field="body", progress=False)
-    assert_one_line(err, str(out), "--overwrite", "--out")
-    assert snapshot(out) == before
+    for overwrite in (False, True):  # --overwrite never replaces a directory relora did not write
+        with pytest.raises(DataError) as err:
+            prepare([corpus], out, vocab_size=VOCAB, text_field="body", overwrite=overwrite, progress=False)
+        assert_one_line(err, str(out), "never deletes", "--out")
+        assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 

@@ -315,6 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from relora import checkpoint as ckpt
+    from relora import ownership
     from relora.data import load_prepared
     from relora.models import ConfigError
     from relora.train import export_dense, model_from_checkpoint
@@ -328,10 +329,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory; choose another OUT")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{out} already exists and is not empty; pass --overwrite or choose another OUT")
     if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
         raise ConfigError(f"{out} holds the checkpoint being exported ({source}); choose an OUT outside it")
+    reason = ownership.why_not_replaceable(out, ownership.MODEL)
+    if reason is not None:  # --overwrite replaces only an export relora wrote, never the user's files
+        raise ConfigError(f"{out} cannot be replaced: {reason}; relora never deletes it, choose another OUT")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} already holds an exported model; pass --overwrite to replace it or choose another OUT")
     model = model_from_checkpoint(source)
     data_dir = ckpt.read_config(source).get("data")
     tokenizer = load_prepared(data_dir).tokenizer() if data_dir and Path(data_dir, "meta.json").is_file() else None
@@ -483,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
     p.add_argument("--text-field", default="text", help="field holding the text in JSON/Parquet records")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset that relora prepared in OUT (never a directory with other files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
@@ -542,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint directory (checkpoints/step_N) or a run directory (latest)")
     x.add_argument("out", metavar="OUT", help="output directory")
-    x.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace a model that relora exported into OUT (never a directory with other files)")
     x.set_defaults(func=cmd_export)
 
     a = sub.add_parser("analyze", help="singular values of the update dW = W - W_reference, as JSON and figures",

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from relora import checkpoint as ckpt
-from relora import distributed, sharding
+from relora import distributed, ownership, sharding
 from relora.adapters import unwrap, wrap
 from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
@@ -620,12 +620,19 @@ def reference_step(cfg: TrainConfig) -> int | None:
 
 
 def save_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
-    """Save an unwrapped model (+ tokenizer) as a Hugging Face directory, atomically."""
+    """Save an unwrapped model (+ tokenizer) as a Hugging Face directory, atomically.
+
+    An existing `out` is replaced only if relora wrote it (ownership.py): never a directory of the user's.
+    """
+    reason = ownership.why_not_replaceable(out, ownership.MODEL)
+    if reason is not None:
+        raise ConfigError(f"{out} cannot be replaced: {reason}; relora never deletes it, choose another directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        ownership.mark(tmp, ownership.MODEL)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from relora.data.corpus import CorpusStats, Sources, iter_documents, resolve_inputs
+from relora import ownership
 from relora.data.errors import DataError
 from relora.data.tokenizer import batch_encoder, load_tokenizer, train_tokenizer
 
@@ -83,7 +85,7 @@ def prepare(
         "val_fraction": val_fraction,
         "seed": seed,
     }
-    if _reuse_existing(out, request, overwrite):
+    if _reuse_existing(out, request, overwrite, [Path(n) for n in sources.names if Path(n).is_absolute()]):
         return out
     hf_tok = load_tokenizer(tok_path) if tok_path else None  # fail on a bad tokenizer before reading the corpus
 
@@ -94,6 +96,7 @@ def prepare(
     try:
         meta = _build(tmp, sources, request, hf_tok, progress)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        ownership.mark(tmp, ownership.PREPARED)
         _fsync_tree(tmp)
         _move_into_place(tmp, out)
     except BaseException:
@@ -111,9 +114,16 @@ def prepare(
     return out
 
 
-def _reuse_existing(out: Path, request: dict[str, Any], overwrite: bool) -> bool:
-    """True if `out` already holds this request's result; DataError if it holds anything we must not clobber."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())) or overwrite:
+def _reuse_existing(out: Path, request: dict[str, Any], overwrite: bool, inputs: Sequence[Path]) -> bool:
+    """True if `out` already holds this request's result; DataError if it holds anything we must not clobber.
+
+    `--overwrite` replaces only a prepared dataset that relora wrote (ownership.py), never the input of
+    this command or a directory with anything else in it.
+    """
+    reason = ownership.why_not_replaceable(out, ownership.PREPARED, inputs=inputs)
+    if reason is not None:
+        raise DataError(f"output {out} cannot be replaced: {reason}; relora never deletes it, choose another --out")
+    if not out.exists() or not any(out.iterdir()) or overwrite:
         return False
     try:
         meta = load_prepared(out).meta
@@ -122,7 +132,7 @@ def _reuse_existing(out: Path, request: dict[str, Any], overwrite: bool) -> bool
     if meta is not None and {k: meta.get(k) for k in request} == request:
         logger.info("%s is already prepared for this request; reusing it", out)
         return True
-    what = "a dataset prepared with other settings" if meta is not None else "other content"
+    what = "a dataset prepared with other settings" if meta is not None else "a damaged prepared dataset"
     raise DataError(f"output {out} already holds {what}: pass --overwrite to replace it or choose another --out")
 
 
@@ -343,13 +353,18 @@ class PreparedData:
 def load_prepared(path: str | Path, *, verify: bool = False) -> PreparedData:
     """Open a directory written by `prepare`; `verify` also recomputes the token files' sha256 against meta."""
     path = Path(path).expanduser()
-    fix = f"run `relora prepare --out {path}` first"
     if not path.is_dir():
-        raise DataError(f"prepared data directory {path} does not exist: {fix}")
+        raise DataError(f"prepared data directory {path} does not exist: "
+                        f"run `relora prepare CORPUS --out {shlex.quote(str(path))}` first")
     try:
         meta = json.loads((path / "meta.json").read_text())
     except FileNotFoundError:
-        raise DataError(f"{path} is not a prepared dataset (no meta.json): {fix}") from None
+        if (path / "config.yaml").is_file():
+            raise DataError(f"{path} is a run directory, not a prepared dataset: pass the --data the run used") from None
+        # Name a new directory: preparing "into" a corpus directory would have to replace the corpus.
+        new = shlex.quote(f"{str(path).rstrip('/')}-prepared")
+        raise DataError(f"{path} is not a prepared dataset (no meta.json): prepare it into a new directory with "
+                        f"`relora prepare {shlex.quote(str(path))} --out {new}` and pass --data {new}") from None
     except ValueError as e:
         raise DataError(f"{path}/meta.json is not valid JSON ({e}): re-run relora prepare with --overwrite") from e
     if not isinstance(meta, dict) or meta.get("version") != VERSION:
