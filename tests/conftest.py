@@ -1,10 +1,16 @@
 """Shared fixtures: tiny models built from configs, CPU only, seeds fixed."""
 
 import contextlib
+import os
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+# One thread for the whole suite, subprocesses included (relora's auto policy keeps an explicit
+# OMP_NUM_THREADS): its models are tiny, and on a shared 2-core machine 2 threads ran 4x slower
+# (benchmarks/threads.py). Set before torch is imported, so that torch starts with it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:

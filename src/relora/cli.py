@@ -100,6 +100,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--seed": (int, "random seed (model init, data order, adapter init)"),
     "--vocab-size": (int, "tokenizer vocabulary when the default corpus is prepared"),
     "--device": (str, "auto (default), cpu, cuda, cuda:N"),
+    "--threads": (int, "CPU threads (default 0: as many as CPUs are idle at start, or OMP_NUM_THREADS if set; "
+                       "2 threads beside another busy process ran 4x slower than 1, see benchmarks/threads.py)"),
     "--max-bad-steps": (int, "consecutive non-finite steps (skipped) before --on-bad-steps acts (default 10)"),
     "--on-bad-steps": (str, "rollback (to the last checkpoint with a lower LR, default) or stop"),
     "--distributed": (str, "under torchrun: ddp (default, DistributedDataParallel) or fsdp (FSDP2 sharding)"),

@@ -88,6 +88,7 @@ class TrainConfig:
     proj_scale: float | None = None  # None: 0.25 galore, 1 apollo, 128 apollo-mini
     scale_front: bool | None = None  # APOLLO's norm-growth limiter after the scale; None: on for apollo-mini only
     device: str = "auto"
+    threads: int = 0  # CPU threads for the matrix products; 0 = auto: the CPUs idle at start (relora/threads.py)
     gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
     compile: bool = False  # torch.compile the model
     max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient norm before acting
@@ -120,7 +121,7 @@ class TrainConfig:
         for name in ("steps", "batch_tokens", "micro_batch", "seq_len", "eval_tokens", "log_every", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("eval_every", "save_every", "warmup_steps", "warm_start_steps"):
+        for name in ("eval_every", "save_every", "warmup_steps", "warm_start_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("lr", "relora_lr", "proj_lr"):

@@ -45,6 +45,7 @@ from relora.models import (
 from relora.optim import optimizer_state_bytes
 from relora.run_config import ADAPTER_METHODS, PROJECTION_METHODS, TrainConfig
 from relora.schedule import jagged_cosine_scheduler
+from relora.threads import apply_threads
 from relora.tracking import finish_wandb, log_wandb, start_wandb
 
 logger = logging.getLogger(__name__)
@@ -324,7 +325,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
 
     Under torchrun every rank calls this; only rank 0 writes the run directory.
     """
-    dist = distributed.setup(cfg.distributed, pick_device(cfg.device), cfg.dist_timeout_s)
+    device = pick_device(cfg.device)
+    if device.type == "cpu" or cfg.threads > 0:
+        apply_threads(cfg.threads)
+    dist = distributed.setup(cfg.distributed, device, cfg.dist_timeout_s)
     rollbacks, lr_scale = 0, None
     try:
         while True:
