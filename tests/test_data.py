@@ -453,3 +453,36 @@ def test_windows_too_short_and_fast(tokens: np.ndarray, tmp_path: Path) -> None:
         w.get(idx)
         timings.append(time.perf_counter() - start)
     assert sorted(timings)[10] < 0.005
+
+
+# ---------------------------------------------------------------- the site-packages corpus (issue 18)
+
+
+def test_site_packages_corpus_is_the_installed_sources_without_tests():
+    import importlib.metadata
+    import sysconfig
+
+    import transformers
+
+    from relora.data.corpus import site_packages_files, site_packages_pins
+
+    files = site_packages_files()
+    root = Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert Path(transformers.__file__).resolve().parent / "models" / "llama" / "modeling_llama.py" in files
+    assert all(f.suffix == ".py" for f in files)
+    assert not [f for f in files if {"tests", "test", "__pycache__"} & set(f.relative_to(root).parts[:-1])]
+    assert f"torch=={importlib.metadata.version('torch')}" in site_packages_pins()
+
+
+def test_prepare_site_packages_records_the_pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from relora.data import corpus as corpus_module
+
+    some = [f for f in corpus_module.site_packages_files() if f.parent.name == "llama"][:4]
+    monkeypatch.setattr(corpus_module, "site_packages_files", lambda: some)
+    out = prepare(None, tmp_path / "sp", corpus="site-packages", vocab_size=VOCAB, val_fraction=0.5, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["corpus_pins"] == corpus_module.site_packages_pins()
+    assert meta["sources"][0].startswith("python-site-packages")
+    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == len(some)
+    with pytest.raises(DataError, match="either input paths or --corpus"):
+        prepare([tmp_path], tmp_path / "sp2", corpus="site-packages", progress=False)

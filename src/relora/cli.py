@@ -39,7 +39,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     out = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                   val_fraction=args.val_fraction, text_field=args.text_field, overwrite=args.overwrite,
-                  seed=args.seed, progress=not args.no_progress)
+                  seed=args.seed, progress=not args.no_progress, corpus=args.corpus)
     meta = load_prepared(out).meta
     print(f"prepared {out}: {_describe_data(meta)}")
     return 0
@@ -482,7 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize a corpus into a training-ready directory",
                        description="Tokenize text files, JSONL/Parquet or a HF dataset into token arrays.")
-    p.add_argument("inputs", nargs="*", help="files, directories or a dataset name (default: Python stdlib)")
+    p.add_argument("inputs", nargs="*", help="files, directories or a dataset name (default: --corpus)")
+    p.add_argument("--corpus", default="stdlib", choices=["stdlib", "site-packages"],
+                   help="built-in corpus when no inputs are given: the Python stdlib's sources (~3M tokens), or "
+                        "site-packages: the installed packages' sources (~190 MB here; versions in meta.json)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", help="existing tokenizer.json or tokenizer directory (default: train a BPE)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE tokenizer")

@@ -34,6 +34,7 @@ class Sources:
 
     names: list[str]
     items: list[Path | str]
+    pins: list[str] | None = None  # a built-in corpus made of installed packages: their name==version
 
 
 @dataclass
@@ -65,6 +66,43 @@ def default_corpus_name() -> str:
     return f"python-stdlib {platform.python_version()}"
 
 
+BUILTIN_CORPORA = ("stdlib", "site-packages")
+
+
+def site_packages_files() -> list[Path]:
+    """The Python sources of this environment's installed packages (transformers, torch, numpy, ...), minus tests.
+
+    Tens of MB of real code and docstrings on every machine that can run relora: a corpus for studies that the
+    stdlib's ~3M tokens would make repeat data. What it holds depends on the installed versions, which
+    `site_packages_pins` records.
+    """
+    roots = dict.fromkeys(Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib"))
+    files = [p for root in roots if root.is_dir() for p in _walk(root, _STDLIB_EXCLUDED_DIRS | {"__pycache__"})]
+    return sorted(p for p in dict.fromkeys(files) if p.suffix == ".py")
+
+
+def site_packages_pins() -> list[str]:
+    """``name==version`` of every installed distribution, sorted: the pins that reproduce the corpus."""
+    from importlib.metadata import distributions
+
+    pins = {f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]}
+    return sorted(pins, key=str.lower)
+
+
+def builtin_corpus(name: str) -> Sources:
+    """A corpus that needs no download: ``stdlib`` (the default) or ``site-packages``."""
+    if name == "stdlib":
+        return Sources([default_corpus_name()], [*default_corpus_files()])
+    if name == "site-packages":
+        import hashlib
+
+        pins = site_packages_pins()
+        digest = hashlib.sha256("\n".join(pins).encode()).hexdigest()[:16]
+        label = f"python-site-packages {platform.python_version()} pins-sha256:{digest}"
+        return Sources([label], [*site_packages_files()], pins=pins)
+    raise DataError(f"unknown built-in corpus {name!r}: choose one of {', '.join(BUILTIN_CORPORA)}")
+
+
 def _walk(root: Path, skip_dirs: Iterable[str] = (), exclude: Path | None = None) -> list[Path]:
     """All files under root, skipping hidden entries (.git, .venv, ...), `skip_dirs` names, and `exclude`."""
     skip = set(skip_dirs)
@@ -76,15 +114,16 @@ def _walk(root: Path, skip_dirs: Iterable[str] = (), exclude: Path | None = None
     return sorted(found)
 
 
-def resolve_inputs(inputs: Sequence[str | Path] | None, *, exclude: Path | None = None) -> Sources:
-    """Expand files, directories (recursively, sorted) and dataset names; no inputs means the stdlib corpus.
+def resolve_inputs(inputs: Sequence[str | Path] | None, *, exclude: Path | None = None,
+                   corpus: str = "stdlib") -> Sources:
+    """Expand files, directories (recursively, sorted) and dataset names; no inputs means the built-in `corpus`.
 
     `exclude` (the output directory) is never read, so preparing into a folder inside an input is safe.
     """
     if isinstance(inputs, (str, Path)):  # a lone path is an easy mistake for a one-element list
         inputs = [inputs]
     if not inputs:
-        return Sources([default_corpus_name()], [*default_corpus_files()])
+        return builtin_corpus(corpus)
     names: list[str] = []
     items: list[Path | str] = []
     for raw in inputs:

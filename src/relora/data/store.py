@@ -51,11 +51,12 @@ def prepare(
     num_workers: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    corpus: str = "stdlib",
 ) -> Path:
     """Tokenize a corpus into `out` (train/val token files, tokenizer, meta.json) and return `out`.
 
-    `inputs` are files, directories or Hugging Face dataset names; None or empty uses the Python stdlib
-    sources. Without `tokenizer` a byte-level BPE of `vocab_size` is trained on the train documents.
+    `inputs` are files, directories or Hugging Face dataset names; None or empty uses the built-in `corpus`:
+    the Python stdlib sources, or "site-packages" (the installed packages' sources, pins in meta.json). Without `tokenizer` a byte-level BPE of `vocab_size` is trained on the train documents.
     A `val_fraction` of whole documents, chosen by `seed`, is held out. `num_workers` caps the threads of
     tokenizers' Rust pool (via RAYON_NUM_THREADS, which only takes effect before that pool first starts
     in this process, as in the CLI); None uses all cores. The output appears atomically; a matching
@@ -74,7 +75,9 @@ def prepare(
             raise DataError(f"num_workers must be at least 1, got {num_workers}: pass e.g. --num-workers 2")
         os.environ.setdefault("RAYON_NUM_THREADS", str(num_workers))
     out = Path(out).expanduser().absolute()
-    sources = resolve_inputs(inputs, exclude=out)
+    if inputs and corpus != "stdlib":
+        raise DataError(f"give either input paths or --corpus {corpus}, not both")
+    sources = resolve_inputs(inputs, exclude=out, corpus=corpus)
     tok_path = Path(tokenizer).expanduser().absolute() if tokenizer is not None else None
     # The meta.json fields that identify a request: equal values mean re-running would produce the same data.
     request = {
@@ -188,6 +191,7 @@ def _build(
         "dtype": dtype.name,
         "splits": splits,
         "skipped": {"files": stats.bad_files, "records": stats.bad_records, "empty_docs": stats.empty_docs},
+        **({"corpus_pins": sources.pins} if sources.pins is not None else {}),
     }
 
 
