@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import dense_moments
 from torch import nn
 
 import relora
@@ -178,27 +179,6 @@ def _bnb(name):
     return lambda params: getattr(bnb.optim, name)(params, lr=1e-3)
 
 
-def _dense_moments(state):
-    """(m or None, [v-like tensors]) as float64 dense tensors, read independently of relora.optim."""
-    if "state2" in state:  # bitsandbytes
-        if state["state2"].dtype == torch.uint8:
-            from bitsandbytes.functional import dequantize_blockwise
-
-            def read(i):  # 8-bit codes: bitsandbytes' own dequantizer (its optimizers use 256-entry blocks)
-                return dequantize_blockwise(state[f"state{i}"], absmax=state[f"absmax{i}"], code=state[f"qmap{i}"],
-                                            blocksize=256).double()
-
-            return read(1), [read(2)]
-        return state["state1"].double(), [state["state2"].double()]
-    for row, col in (("row_var", "col_var"), ("exp_avg_sq_row", "exp_avg_sq_col")):  # Adafactor: row col / mean(row)
-        if row in state:
-            r, c = state[row].double().reshape(-1, 1), state[col].double().reshape(1, -1)
-            v = r * c / r.mean() if r.mean() > 0 else torch.zeros(r.numel(), c.numel(), dtype=torch.float64)
-            return (state["exp_avg"].double() if "exp_avg" in state else None), [v]
-    vs = [state[k].double() for k in ("exp_avg_sq", "max_exp_avg_sq") if k in state]
-    return state["exp_avg"].double(), vs
-
-
 OPTIMIZERS = {
     "adamw-amsgrad": lambda params: torch.optim.AdamW(params, lr=1e-3, amsgrad=True),
     "adam-fused": lambda params: torch.optim.Adam(params, lr=1e-3, fused=True),
@@ -215,12 +195,12 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_every_known_optimizer_is_pruned_by_magnitude_with_one_mask(name):
     opt, params = _filled(OPTIMIZERS[name])
-    before = {p: _dense_moments(opt.state[p]) for p in params}
+    before = {p: dense_moments(opt.state[p]) for p in params}
     fraction = relora.prune_optimizer_state(opt, params, "magnitude", 0.9)
     zero = total = 0
     for p in params:
         m0, (v0, *others0) = before[p]
-        m, (v, *others) = _dense_moments(opt.state[p])
+        m, (v, *others) = dense_moments(opt.state[p])
         kept, pruned = v != 0, v == 0
         n = v.numel()
         if name.endswith("adafactor") or name.endswith("adafactor-beta1"):
@@ -254,7 +234,7 @@ def test_every_known_optimizer_leaves_no_orphan_moments(name, method):
     fraction = relora.prune_optimizer_state(opt, params, method, 0.7, generator=torch.Generator().manual_seed(0))
     zero = total = 0
     for p in params:
-        m, vs = _dense_moments(opt.state[p])
+        m, vs = dense_moments(opt.state[p])
         v_zero = vs[0] == 0
         for other in vs[1:]:
             assert torch.equal(other == 0, v_zero)
