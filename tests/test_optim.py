@@ -428,8 +428,3 @@ def test_restart_adam_step_reset_restarts_only_the_adapters_counters():
     assert controller.restarts == 1
     assert {steps[i] for i in adapters} == {0.0}
     assert {s for i, s in steps.items() if i not in adapters} == {3.0}  # the LayerNorm keeps its own
-
-
-def test_restart_adam_step_must_be_keep_or_reset():
-    with pytest.raises(ValueError, match="restart_adam_step"):
-        relora.ReLoRAConfig(restart_adam_step="restart")

@@ -97,8 +97,8 @@ class _Moment:
     def keep_only(self, mask: torch.Tensor) -> None:
         """Zero the entries outside ``mask``, in place (an 8-bit entry gets the code of exactly 0)."""
         if self.qmap is None:
-            local = sharding.local(self.tensor)
-            local.mul_(sharding.local_part(mask, self.tensor))
+            # masked_fill, not a multiply: an inf or nan in a pruned entry must become 0 too
+            sharding.local(self.tensor).masked_fill_(~sharding.local_part(mask, self.tensor), 0)
             return
         zero = (self.qmap == 0).nonzero().flatten()
         self.tensor[~mask.to(self.tensor.device)] = zero[0].to(self.tensor.dtype)
