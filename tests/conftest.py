@@ -83,3 +83,24 @@ def one_thread():
 def single_thread():
     with one_thread():
         yield
+
+
+def dense_moments(state):
+    """(m or None, [v-like tensors]) as float64 dense tensors, read independently of relora.optim."""
+    if "state2" in state:  # bitsandbytes
+        if state["state2"].dtype == torch.uint8:
+            from bitsandbytes.functional import dequantize_blockwise
+
+            def read(i):  # 8-bit codes: bitsandbytes' own dequantizer (its optimizers use 256-entry blocks)
+                return dequantize_blockwise(state[f"state{i}"], absmax=state[f"absmax{i}"], code=state[f"qmap{i}"],
+                                            blocksize=256).double()
+
+            return read(1), [read(2)]
+        return state["state1"].double(), [state["state2"].double()]
+    for row, col in (("row_var", "col_var"), ("exp_avg_sq_row", "exp_avg_sq_col")):  # Adafactor: row col / mean(row)
+        if row in state:
+            r, c = state[row].double().reshape(-1, 1), state[col].double().reshape(1, -1)
+            v = r * c / r.mean() if r.mean() > 0 else torch.zeros(r.numel(), c.numel(), dtype=torch.float64)
+            return (state["exp_avg"].double() if "exp_avg" in state else None), [v]
+    vs = [state[k].double() for k in ("exp_avg_sq", "max_exp_avg_sq") if k in state]
+    return state["exp_avg"].double(), vs

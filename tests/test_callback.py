@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_thread, tiny_llama
+from conftest import dense_moments, one_thread, tiny_llama
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import relora
@@ -131,3 +131,65 @@ def test_training_without_the_jagged_scheduler_is_refused(tmp_path):
 def test_warm_start_inside_the_trainer_is_refused():
     with pytest.raises(ValueError, match="warm_start_steps=0"):
         relora.ReLoRACallback(relora.ReLoRAConfig(r=4, reset_every=4, restart_warmup_steps=2, warm_start_steps=10))
+
+
+class ZeroCount(TrainerCallback):
+    """Runs after ReLoRACallback: counts, right after each restart, the adapters' entries whose moments are all zero."""
+
+    def __init__(self, relora_callback):
+        self.relora, self.zeroed, self.optimizer = relora_callback, {}, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        if self.relora.events and self.relora.events[-1].step == state.global_step:
+            zero = total = 0
+            for p in adapter_parameters(model):
+                m, (v, *others) = dense_moments(self.optimizer.state[p])
+                everything_zero = (v == 0) if m is None else (v == 0) & (m == 0)
+                assert m is None or not bool(((m != 0) & (v == 0)).any())  # no orphan first moment
+                zero, total = zero + int(everything_zero.sum()), total + v.numel()
+            self.zeroed[state.global_step] = zero / total
+
+
+def train_with_optimizer(out, optim="adamw_torch", make_optimizer=None):
+    """Eight Trainer steps, a restart at step 4, with the Trainer's ``optim`` or an optimizer built by hand."""
+    model = tiny_llama(seed=0)
+    config = relora.ReLoRAConfig(r=4, reset_every=RESET, restart_warmup_steps=REWARM, prune_ratio=RATIO)
+    relora.wrap(model, config)
+    callback = relora.ReLoRACallback(config)
+    count = ZeroCount(callback)
+    args = TrainingArguments(str(out), max_steps=8, per_device_train_batch_size=2, warmup_steps=WARMUP,
+                             learning_rate=PEAK, optim=optim, save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, logging_steps=100, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=DATA, callbacks=[callback, count])
+    if make_optimizer is None:
+        trainer.create_optimizer()  # the Trainer's own choice for args.optim
+    else:
+        trainer.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    trainer.lr_scheduler = callback.scheduler(trainer.optimizer)
+    trainer.train()
+    return callback, count
+
+
+def _bnb_adamw8bit(params):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=PEAK, min_8bit_size=64)  # the adapters' 128-256 entries in 8 bits
+
+
+@pytest.mark.parametrize("optim", ["adafactor", "adamw_torch_fused", "adamw_bnb_8bit"])
+def test_trainer_optimizers_are_pruned_at_restarts(tmp_path, optim):
+    make = _bnb_adamw8bit if optim == "adamw_bnb_8bit" else None
+    callback, count = train_with_optimizer(tmp_path, optim, make)
+    assert [e.step for e in callback.events] == [4]
+    expected_state = {"adafactor": "exp_avg_sq_row", "adamw_torch_fused": "exp_avg_sq", "adamw_bnb_8bit": "absmax2"}
+    assert all(expected_state[optim] in count.optimizer.state[p] for p in adapter_parameters(callback.controller.model))
+    # The fraction the callback reports is the one counted independently on the Trainer's optimizer.
+    assert callback.events[0].pruned_fraction == pytest.approx(count.zeroed[4], abs=1e-12)
+    assert count.zeroed[4] == pytest.approx(RATIO, abs=0.05)  # Adafactor: blocks of rows x columns, near RATIO
+
+
+def test_trainer_with_an_unprunable_optimizer_fails_before_the_first_step(tmp_path):
+    with pytest.raises(ValueError, match=r"SGD \(state keys: .*momentum_buffer"):
+        train_with_optimizer(tmp_path, "sgd", lambda params: torch.optim.SGD(params, lr=PEAK, momentum=0.9))
+

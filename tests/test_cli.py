@@ -84,6 +84,7 @@ BAD_TRAIN = [
     (["--rank", "0"], "rank must be a positive integer"),
     (["--prune", "biggest"], "prune must be one of"),
     (["--prune-ratio", "1.5"], "prune_ratio"),
+    (["--restart-adam-step", "never"], "restart_adam_step must be one of keep, reset"),
     (["--reset-every", "1"], "reset_every"),
     (["--micro-batch", "3"], "micro_batch"),
     (["--data", "/nonexistent/data"], "/nonexistent/data"),
@@ -138,3 +139,13 @@ def test_console_script_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "relora", "--version"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")})
     assert result.returncode == 0 and "relora" in result.stdout
+
+
+def test_restart_adam_step_flag_reaches_the_controller_config():
+    from relora.cli import _train_overrides, build_parser
+    from relora.run_config import resolve_config
+
+    args = build_parser().parse_args(["train", "--restart-adam-step", "reset"])
+    assert resolve_config(overrides=_train_overrides(args)).relora_config().restart_adam_step == "reset"
+    assert resolve_config().relora_config().restart_adam_step == "keep"
+

@@ -19,6 +19,7 @@ import relora
     ("merge_every", {"reset_every": 100, "merge_every": 30}),
     ("warm_start_steps", {"warm_start_steps": -1}),
     ("target_modules", {"target_modules": "q_proj"}),
+    ("restart_adam_step", {"restart_adam_step": "restart"}),
 ])
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
@@ -35,3 +36,4 @@ def test_defaults_are_the_papers():
     assert (cfg.r, cfg.alpha, cfg.scaling, cfg.prune, cfg.prune_ratio, cfg.restart_warmup_steps) == (
         128, 32, 0.25, "magnitude", 0.99, 100)
     assert cfg.merge_every == cfg.reset_every
+    assert cfg.restart_adam_step == "keep"  # the paper and the reference code keep Adam's step across a prune

@@ -80,6 +80,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
                               "merges go into it, so quantization error does not accumulate"),
     "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
+    "--restart-adam-step": (str, "Adam's step counter of the pruned adapters at a restart: keep (default, as the "
+                                 "paper) or reset (bias correction starts afresh for the fresh moments)"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
     "--proj-lr": (float, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)"),
     "--proj-rank": (int, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank for the model "

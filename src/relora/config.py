@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from relora.optim import PRUNE_METHODS
+from relora.optim import PRUNE_METHODS, RESTART_ADAM_STEPS
 
 FROZEN_DTYPES = ("float32", "bfloat16")
 QUANT_TYPES = ("nf4", "int8")  # storage formats of relora.quantize (bitsandbytes)
@@ -33,6 +33,10 @@ class ReLoRAConfig:
     restart_warmup_steps: int = 100
     prune: str = "magnitude"
     prune_ratio: float = 0.99
+    # Adam's step counter of the pruned tensors at a restart (spec section 4): "keep" (the paper and the
+    # reference code) or "reset", so that bias correction starts afresh for the fresh moments. Under "keep",
+    # a pruned entry's update is ~3.2x lr one step after a restart at beta2 = 0.999, 6.5x after 10 steps.
+    restart_adam_step: str = "keep"
     warm_start_steps: int = 0
     # Seed for adapter initialisation and random pruning masks; identical on
     # every data-parallel rank so that all ranks draw the same values.
@@ -68,6 +72,9 @@ class ReLoRAConfig:
             raise ValueError(f"prune must be one of {', '.join(PRUNE_METHODS)}; got {self.prune!r}")
         if not 0.0 <= self.prune_ratio <= 1.0:
             raise ValueError(f"prune_ratio must be in [0, 1], got {self.prune_ratio!r}")
+        if self.restart_adam_step not in RESTART_ADAM_STEPS:
+            raise ValueError(f"restart_adam_step must be one of {', '.join(RESTART_ADAM_STEPS)}; "
+                             f"got {self.restart_adam_step!r}")
         if self.restart_warmup_steps < 0:
             raise ValueError(f"restart_warmup_steps must be >= 0, got {self.restart_warmup_steps!r}")
         if self.warm_start_steps < 0:

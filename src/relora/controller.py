@@ -10,7 +10,7 @@ from torch import nn
 
 from relora.adapters import adapter_parameters, merge_and_reinit
 from relora.config import ReLoRAConfig
-from relora.optim import prune_optimizer_state
+from relora.optim import check_prunable, prune_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ class ReLoRA:
         self.merges = 0
         self.restarts = 0
         self.last_pruned_fraction: float | None = None
+        # Refuse an optimizer whose state a restart could not prune now, not at the first restart hours later.
+        self._layout_checked = self._check_optimizer(probe=True)
+
+    def _check_optimizer(self, *, probe: bool) -> bool:
+        """Whether the adapters' optimizer state is known prunable (ValueError when it is not)."""
+        if self.config.reset_every is None:  # no restarts: nothing is ever pruned
+            return True
+        return check_prunable(self.optimizer, adapter_parameters(self.model), self.config.prune, probe=probe)
 
     def _is_due(self, step: int, every: int | None) -> bool:
         offset = step - self.start_step
@@ -80,6 +88,8 @@ class ReLoRA:
     def step(self, global_step: int) -> StepEvent:
         """Merge / prune if ``global_step`` (optimizer steps done) is due."""
         event = StepEvent(step=global_step)
+        if not self._layout_checked:  # the probe could not run: check the state the first steps created
+            self._layout_checked = self._check_optimizer(probe=False)
         if not self._is_due(global_step, self.config.merge_every):
             return event
         # Seed from the step: identical on every rank, different every cycle.
@@ -94,6 +104,7 @@ class ReLoRA:
                 self.config.prune,
                 self.config.prune_ratio,
                 generator=generator,
+                restart_step=self.config.restart_adam_step == "reset",
             )
             self.restarts += 1
             event.restarted = True

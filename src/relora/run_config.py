@@ -26,7 +26,7 @@ PROJECTION_METHODS = ("galore", "apollo", "apollo-mini")
 RESUME_INCOMPATIBLE = (
     "preset", "method", "model", "vocab_size", "data", "steps", "warmup_steps", "warm_start_steps",
     "reset_every", "merge_every", "restart_warmup_steps", "rank", "alpha", "dropout", "target_modules",
-    "prune", "prune_ratio", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
+    "prune", "prune_ratio", "restart_adam_step", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
     "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
     "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
     "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front",
@@ -59,6 +59,7 @@ class TrainConfig:
     master_weights: str | None = None  # "cpu": float32 copy of those weights in CPU memory, merged into exactly
     prune: str = "magnitude"
     prune_ratio: float = 0.99
+    restart_adam_step: str = "keep"  # Adam's step counter of the pruned adapters at a restart: "keep" or "reset"
     lr: float = 1e-3  # peak LR of full-rank training (and of the warm start)
     relora_lr: float = 2e-3  # peak LR once adapters train (spec section 6: 1.5-2x full-rank)
     min_lr_ratio: float = 0.1
@@ -239,6 +240,7 @@ class TrainConfig:
                 restart_warmup_steps=self.restart_warmup_steps if restarts else 0,
                 prune=self.prune if self.optimizer_reset else "none",
                 prune_ratio=self.prune_ratio,
+                restart_adam_step=self.restart_adam_step,
                 warm_start_steps=self.relora_phase_start,
                 seed=self.seed,
                 quantize=self.quantize,
