@@ -181,7 +181,8 @@ def load_merge_residuals(model: nn.Module, residuals: dict[str, torch.Tensor]) -
     for name, whole in residuals.items():
         weight = base_weight(layers[name])
         if tuple(whole.shape) != tuple(weight.shape):
-            raise ValueError(f"merge residual of {name} has shape {tuple(whole.shape)}, its weight {tuple(weight.shape)}")
+            raise ValueError(f"merge residual of {name} has shape {tuple(whole.shape)}, "
+                             f"its weight {tuple(weight.shape)}")
         _set_merge_residual(layers[name], sharding.local_part(whole.float(), weight))
 
 
