@@ -89,6 +89,8 @@ BAD_TRAIN = [
     (["--micro-batch", "3"], "micro_batch"),
     (["--data", "/nonexistent/data"], "/nonexistent/data"),
     (["--init-from", "/nonexistent/model"], "/nonexistent/model"),
+    (["--frozen-dtype", "float16"], "frozen_dtype must be one of float32, bfloat16"),
+    (["--frozen-dtype", "bfloat16", "--distributed", "fsdp"], "use --frozen-dtype float32 or --distributed ddp"),
 ]
 
 

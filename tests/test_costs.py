@@ -98,7 +98,8 @@ def test_bf16_frozen_weights_keep_the_function_and_merge_in_float32():
     with torch.no_grad():
         for layer in relora.adapters.lora_layers(model):
             layer.lora_B["default"].weight.normal_(0, 0.05)
-    w64 = q.base_layer.weight.double() + relora.adapters.delta_weight(q).double()
+    residual = relora.adapters.merge_residual(q).double()  # what the first merge could not store in bf16
+    w64 = q.base_layer.weight.double() + residual + relora.adapters.delta_weight(q).double()
     dense = relora.unwrap(model)
     exported = dense.model.layers[0].self_attn.q_proj.weight
     assert exported.dtype == torch.float32  # export sums in float32 and does not round to bf16

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_MODEL, run_config
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from relora.cli import main
@@ -22,10 +23,10 @@ SETTINGS = dict(model=TINY_MODEL, steps=40, warmup_steps=4, warm_start_steps=10,
                 seq_len=32, eval_every=20, eval_tokens=1024, save_every=20, log_every=1, device="cpu")
 
 
-def torchrun(tmp_path, data, out, *args, nproc=2, script=None, env=None, timeout=240):
+def torchrun(tmp_path, data, out, *args, nproc=2, script=None, env=None, timeout=240, settings=None):
     """``relora train`` in ``nproc`` processes; returns the completed process (output captured)."""
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(SETTINGS))
+    config.write_text(yaml.safe_dump(settings or SETTINGS))
     target = [str(SCRIPTS / script)] if script else ["-m", "relora", "train"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *target,
                "--config", str(config), "--data", str(data), "--out", str(out), "--no-progress", *args]
@@ -97,6 +98,60 @@ def test_fsdp_trains_through_restarts_saves_sharded_resumes_and_exports(prepared
         a = AutoModelForCausalLM.from_pretrained(out / "final")(tokens).logits
         b = AutoModelForCausalLM.from_pretrained(exported)(tokens).logits
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_resume_with_dropout_repeats_every_ranks_random_draws(prepared_data, tmp_path):
+    """Adapter dropout 0.1, each rank seeded differently: resumed at step 8 == uninterrupted, bit for bit.
+    (With only rank 0's RNG state saved, rank 1 resumed with rank 0's dropout masks.)"""
+    settings = {**SETTINGS, "dropout": 0.1, "steps": 16, "warm_start_steps": 4, "reset_every": 4,
+                "restart_warmup_steps": 1, "save_every": 8, "keep_checkpoints": 2, "eval_every": 0}
+    out, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    done = torchrun(tmp_path, prepared_data, out, script="train_with_probes.py", env={"PROBE": "rank_rng"},
+                    settings=settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed.mkdir()
+    (resumed / "checkpoints").mkdir()
+    (resumed / "metrics.jsonl").write_bytes((out / "metrics.jsonl").read_bytes())
+    __import__("shutil").copytree(out / "checkpoints" / "step_8", resumed / "checkpoints" / "step_8")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    (resumed / "config.yaml").write_text(yaml.safe_dump({**config, "out": str(resumed)}))
+    done = torchrun(tmp_path, prepared_data, resumed, "--resume", script="train_with_probes.py",
+                    env={"PROBE": "rank_rng"}, settings=settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(resumed) == losses(out)
+    a, b = (load_file(run / "final" / "model.safetensors") for run in (out, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    states = torch.load(out / "checkpoints" / "step_8" / "states.pt", weights_only=False)["rng"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])  # one per rank
+
+
+def test_rng_states_of_ranks_beyond_the_saved_ones_are_derived_and_warned(caplog):
+    """Resumed at world size 3 from 2 saved states: ranks 0, 1 get theirs, rank 2 a deterministic new one."""
+    import random
+
+    import numpy as np
+
+    from relora import checkpoint as ckpt
+
+    def draws():
+        return torch.rand(4).tolist(), np.random.rand(2).tolist(), random.random()
+
+    saved, expected = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        saved.append(ckpt.rng_state())
+        expected.append(draws())
+    with caplog.at_level("WARNING", logger="relora.checkpoint"):
+        for rank in (0, 1):
+            ckpt.restore_rng_states(saved, rank=rank, world_size=3)
+            assert draws() == expected[rank]
+    assert len([r for r in caplog.records if "RNG states of 2" in r.message]) == 1  # rank 0 says it, once
+    assert "ranks 2-2 start from states derived" in caplog.text
+    derived = []
+    for rank in (2, 2, 3):
+        ckpt.restore_rng_states(saved, rank=rank, world_size=4)
+        derived.append(draws())
+    assert derived[0] == derived[1] and derived[0] != derived[2] and derived[0] not in expected
 
 
 def test_a_crashing_rank_ends_the_job(prepared_data, tmp_path):

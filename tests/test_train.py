@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import relora
 from relora import checkpoint as ckpt
+from relora.cli import main
 from relora.train import build_phase, make_model, train
 
 METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes",
@@ -94,6 +95,39 @@ def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
     assert strip(records(full)) == strip(records(split))
+
+
+def test_bf16_frozen_weights_resume_bit_identical_with_their_merge_residual(prepared_data, tmp_path):
+    """--frozen-dtype bfloat16: the merge residual is checkpointed, so a resume between merges is exact."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", "--config", str(write_config(tmp_path, prepared_data)), "--out", str(full),
+                 "--frozen-dtype", "bfloat16", "--no-progress"]) == 0
+    cfg = run_config(prepared_data, full, save_every=5, keep_checkpoints=20, frozen_dtype="bfloat16")
+    assert ckpt.read_config(full / "checkpoints" / "step_25")["frozen_dtype"] == "bfloat16"
+    residuals = load_file(full / "checkpoints" / "step_25" / ckpt.MERGE_RESIDUALS)
+    assert residuals and all(r.dtype == torch.float32 and r.abs().max() > 0 for r in residuals.values())
+    weights = load_file(full / "checkpoints" / "step_25" / "model.safetensors")
+    assert weights["model.layers.0.self_attn.q_proj.base_layer.weight"].dtype == torch.bfloat16
+    shutil.copytree(full, split)
+    shutil.rmtree(split / "final")
+    for path in ckpt.list_checkpoints(split / "checkpoints"):
+        if int(path.name.split("_")[1]) > 25:
+            shutil.rmtree(path)
+    train(cfg.__class__(**{**cfg.to_dict(), "out": str(split)}), resume=True, progress=False)
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(split / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32  # residual added back, not rounded
+
+
+def write_config(tmp_path, data):
+    """The settings of ``run_config`` (saving every 5 steps) as a --config file for ``relora train``."""
+    import yaml
+
+    values = run_config(data, tmp_path, save_every=5, keep_checkpoints=20).to_dict()
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in values.items() if k != "out"}))
+    return path
 
 
 def test_exported_model_matches_training_model(prepared_data, tmp_path):

@@ -107,14 +107,83 @@ def merge_layer(layer: LoraLayer) -> None:
 
     In place on the same tensor object, so the optimizer and any DDP/FSDP
     references stay valid. A sharded W gets the slice of the delta it holds.
-    A quantized W is dequantized, summed in float32 and re-quantized.
+    A bf16 W also adds the residual the previous merges' roundings left
+    (``merge_residual``) and keeps the new one, so many small merges add up
+    to their sum rounded once. A quantized W is dequantized, summed in
+    float32 and re-quantized.
     """
     if quantize.is_quantized(layer.get_base_layer()):
         quantize.merge_(layer.get_base_layer(), delta_weight(layer))
         return
     weight = base_weight(layer)
     part = sharding.local(weight)
-    part.copy_(part.float() + sharding.local_part(delta_weight(layer), weight))
+    total = part.float() + sharding.local_part(delta_weight(layer), weight)
+    if part.dtype == torch.float32:
+        part.copy_(total)
+        return
+    # Rounding W + dW to bf16 drops whatever of dW is below half an ulp of W (a third of a small update);
+    # carried into the next merge, Kahan-style, the sum of all merges is rounded once, not once per merge.
+    residual = merge_residual(layer)
+    if residual is not None:
+        total += residual.to(total.device)
+    part.copy_(total)
+    _set_merge_residual(layer, total - part.float())
+
+
+_RESIDUAL = "relora_merge_residual"
+
+
+def merge_residual(layer: LoraLayer) -> torch.Tensor | None:
+    """What earlier merges into a low-precision (bf16) W could not store: float32, laid out like this rank's
+    part of W, in CPU memory; None before the first merge (and always for float32 or quantized W).
+
+    W + residual is the float32 weight the merges add up to. It lives in CPU memory, as the quantized
+    layers' master weights do, so that bf16 storage keeps its device-memory saving (2 bytes per frozen
+    weight on the device, 4 more in CPU memory); each merge moves one layer's residual to the device and back.
+    """
+    return getattr(layer.get_base_layer(), _RESIDUAL, None)
+
+
+def _set_merge_residual(layer: LoraLayer, residual: torch.Tensor) -> None:
+    setattr(layer.get_base_layer(), _RESIDUAL, residual.detach().to("cpu", torch.float32))
+
+
+def merge_residuals(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer's merge residual whole, by layer name (for checkpoints; empty before the first bf16 merge).
+
+    A collective when W is sharded (FSDP2): every rank must call it.
+    """
+    residuals = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and merge_residual(layer) is not None:
+            residuals[name] = _whole(merge_residual(layer), base_weight(layer))
+    return residuals
+
+
+def _whole(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which ``part`` is this rank's slice, sliced as ``like`` (a DTensor) is."""
+    if not sharding.is_sharded(like):
+        return part
+    from torch.distributed.tensor import DTensor
+
+    local = part.to(sharding.local(like).device)
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor().cpu()
+
+
+def load_merge_residuals(model: nn.Module, residuals: dict[str, torch.Tensor]) -> None:
+    """Restore residuals saved by ``merge_residuals`` (each rank keeps its slice); every name must be a wrapped
+    layer stored below float32."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    unknown = sorted(set(residuals) - {n for n, m in layers.items() if base_weight(m).dtype != torch.float32})
+    if unknown:
+        raise ValueError(f"merge residuals for layers without low-precision frozen weights: {unknown[:3]}")
+    for name, whole in residuals.items():
+        weight = base_weight(layers[name])
+        if tuple(whole.shape) != tuple(weight.shape):
+            raise ValueError(f"merge residual of {name} has shape {tuple(whole.shape)}, "
+                             f"its weight {tuple(weight.shape)}")
+        _set_merge_residual(layers[name], sharding.local_part(whole.float(), weight))
 
 
 @torch.no_grad()
@@ -247,7 +316,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             delta = delta_weight(module).to(base.weight.device)
             base = quantize.to_linear(base, quantize.dense_weight(base) + delta)
         elif base_weight(module).dtype != torch.float32:  # bf16 storage: export the float32 sum, unrounded
-            _restore_float32(base, base_weight(module).float() + delta_weight(module).to(base.weight.device))
+            weight = base_weight(module).float() + delta_weight(module).to(base.weight.device)
+            residual = merge_residual(module)
+            if residual is not None:  # what earlier merges could not store in bf16
+                weight += residual.to(weight.device)
+                delattr(base, _RESIDUAL)
+            _restore_float32(base, weight)
         else:
             merge_layer(module)
         base.weight.requires_grad_(True)

@@ -6,7 +6,9 @@ under FSDP2 a sharded ``dcp/`` directory of model and optimizer written by
 ``torch.distributed.checkpoint``), the float32 master copies of quantized
 weights if the run keeps them, the optimizer, scheduler and controller
 states, RNG states, the trainer's counters (incl. the data position) and the
-resolved config. It is written into a temporary sibling, fsynced and renamed,
+resolved config. RNG states are saved for every rank (each restores its own: dropout masks differ by
+rank), and bf16 frozen weights keep their merge residuals (``relora.adapters.merge_residual``) beside
+them. It is written into a temporary sibling, fsynced and renamed,
 and ``complete.json`` is written last inside it, so a directory without it is
 never taken for a checkpoint.
 """
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 MARKER = "complete.json"
 MASTER_WEIGHTS = "master_weights.safetensors"
+MERGE_RESIDUALS = "merge_residuals.safetensors"
 SHARDED_DIR = "dcp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -73,19 +76,59 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2))
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's torch (CPU), numpy and python RNG states, and CUDA's: with a ``device`` (a rank's
+    own GPU under torchrun) that GPU's alone, without one every visible GPU's (one process owns them all)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif device is None and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what ``rng_state`` returned (``device``: the GPU a ``cuda_device`` state belongs to)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+
+
+def gather_rng_states(dist: Any = None) -> list[dict] | None:
+    """Every rank's ``rng_state``, in rank order, on rank 0 (None on the others); a collective under torchrun."""
+    if dist is None or not dist.active:
+        return [rng_state()]
+    return dist.gather_object(rng_state(dist.device))
+
+
+def restore_rng_states(saved: dict | list[dict], *, rank: int = 0, world_size: int = 1,
+                       device: torch.device | None = None) -> None:
+    """Give this rank the RNG state it saved (``saved``: ``gather_rng_states``' list; a dict is an older
+    checkpoint's one state, rank 0's).
+
+    At another world size than the save's, ranks beyond the saved ones get a state derived from rank 0's
+    and their rank (deterministic: a second resume draws the same), and rank 0 warns that dropout will
+    not repeat the interrupted run's; surplus saved states are unused. Per-rank batches differ then anyway.
+    """
+    states = [saved] if isinstance(saved, dict) else list(saved)
+    if len(states) != world_size and rank == 0:
+        logger.warning(
+            "resuming on %d process(es) from a checkpoint with the RNG states of %d: %s, so dropout will not "
+            "repeat what the saved run would have drawn", world_size, len(states),
+            f"ranks {len(states)}-{world_size - 1} start from states derived from rank 0's and their rank"
+            if world_size > len(states) else f"the states of ranks {world_size}-{len(states) - 1} are unused")
+    if rank < len(states):
+        set_rng_state(states[rank], device)
+        return
+    digest = hashlib.sha256(states[0]["torch"].numpy().tobytes() + rank.to_bytes(8, "little")).digest()
+    seed = int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes up to 2**63 - 1
+    torch.manual_seed(seed)  # also every GPU's generator
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def save_checkpoint(
@@ -112,12 +155,17 @@ def save_checkpoint(
     """
     sharded = dist is not None and dist.sharded
     main = dist is None or dist.is_main
+    from relora.adapters import merge_residuals  # peft: only when saving, not for readers of run directories
+
+    rngs = gather_rng_states(dist)  # collectives first, on every rank
+    residuals = merge_residuals(model)
     final = checkpoints_dir / f"step_{step}"
     tmp = None
     if main:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(checkpoints_dir)
-        check_free_space(checkpoints_dir, estimate_bytes(model, states, optimizer if sharded else None))
+        check_free_space(checkpoints_dir, estimate_bytes(model, {**states, "residuals": residuals},
+                                                          optimizer if sharded else None))
         tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
     if sharded:
         tmp = dist.broadcast_object(tmp)
@@ -132,7 +180,9 @@ def save_checkpoint(
             masters = master_state(model)
             if masters:  # what a quantized run's weights really are: resume needs them, not only the codes
                 save_file({k: v.contiguous() for k, v in masters.items()}, str(tmp / MASTER_WEIGHTS))
-            torch.save({**states, "rng": rng_state()}, tmp / "states.pt")
+            if residuals:  # bf16 frozen weights: what the merges could not store in them
+                save_file({k: v.contiguous() for k, v in residuals.items()}, str(tmp / MERGE_RESIDUALS))
+            torch.save({**states, "rng": rngs}, tmp / "states.pt")
             _write_json(tmp / "trainer_state.json", trainer_state)
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             _fsync_tree(tmp)
@@ -266,6 +316,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path / SHARDED_DIR))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    _load_merge_residuals(model, path)
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -315,13 +366,22 @@ def load_weights(model: nn.Module, path: Path) -> None:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load({"model": weights}, checkpoint_id=str(path / SHARDED_DIR))
         model.load_state_dict(weights, strict=True)
+        _load_merge_residuals(model, path)
         return
     load_model(model, str(path / "model.safetensors"), strict=True)  # restores tied weights from their one copy
+    _load_merge_residuals(model, path)
     masters = master_state(model)
     if masters or (path / MASTER_WEIGHTS).is_file():
         if not (path / MASTER_WEIGHTS).is_file():
             raise ValueError(f"{path} holds no {MASTER_WEIGHTS}, but the model keeps master weights")
         load_master_state(model, load_file(str(path / MASTER_WEIGHTS)))
+
+
+def _load_merge_residuals(model: nn.Module, path: Path) -> None:
+    if (path / MERGE_RESIDUALS).is_file():
+        from relora.adapters import load_merge_residuals
+
+        load_merge_residuals(model, load_file(str(path / MERGE_RESIDUALS)))
 
 
 def load_states(path: Path) -> dict:

@@ -78,6 +78,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--quantize": (str, "store the frozen weights of wrapped layers in nf4 or int8 (pip install 'relora[quantize]')"),
     "--master-weights": (str, "with --quantize: cpu keeps a float32 copy of the frozen weights in CPU memory; "
                               "merges go into it, so quantization error does not accumulate"),
+    "--frozen-dtype": (str, "storage of the frozen weights of wrapped layers: float32 (default) or bfloat16 "
+                            "(half the device memory; merges keep their rounding residual in CPU memory)"),
     "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
     "--restart-adam-step": (str, "Adam's step counter of the pruned adapters at a restart: keep (default, as the "

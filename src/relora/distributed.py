@@ -75,6 +75,14 @@ class Dist:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def gather_object(self, value: object) -> list | None:
+        """Every rank's ``value``, in rank order, on rank 0; None on the other ranks."""
+        if not self.active:
+            return [value]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from relora.config import ReLoRAConfig
+from relora.config import FROZEN_DTYPES, ReLoRAConfig
 from relora.models import ConfigError, check_device, llama_config, load_preset
 
 METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora", "galore", "apollo", "apollo-mini")
@@ -29,6 +29,7 @@ RESUME_INCOMPATIBLE = (
     "prune", "prune_ratio", "restart_adam_step", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
     "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
     "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
+    "frozen_dtype",
     "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front",
 )
 DISTRIBUTED_MODES = ("ddp", "fsdp")
@@ -57,6 +58,7 @@ class TrainConfig:
     target_modules: list[str] | None = None
     quantize: str | None = None  # frozen base weights of wrapped layers in "nf4" or "int8" (bitsandbytes)
     master_weights: str | None = None  # "cpu": float32 copy of those weights in CPU memory, merged into exactly
+    frozen_dtype: str = "float32"  # or "bfloat16": frozen weights of wrapped layers in bf16 (merge residual kept)
     prune: str = "magnitude"
     prune_ratio: float = 0.99
     restart_adam_step: str = "keep"  # Adam's step counter of the pruned adapters at a restart: "keep" or "reset"
@@ -165,6 +167,11 @@ class TrainConfig:
                 require_bitsandbytes(self.quantize)
             except BitsAndBytesMissing as exc:
                 raise ConfigError(str(exc)) from None
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ConfigError(f"frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.frozen_dtype!r}")
+        if self.frozen_dtype != "float32" and self.method in ADAPTER_METHODS and self.distributed == "fsdp":
+            raise ConfigError(f"frozen_dtype {self.frozen_dtype} does not work with --distributed fsdp (FSDP2 "
+                              "needs one parameter dtype); use --frozen-dtype float32 or --distributed ddp")
         check_device(self.device)
         if self.model and self.init_from is None:  # the architecture, before any data is read or prepared
             try:
@@ -245,6 +252,7 @@ class TrainConfig:
                 seed=self.seed,
                 quantize=self.quantize,
                 master_weights=self.master_weights,
+                frozen_dtype=self.frozen_dtype,
             )
         except ValueError as exc:
             raise ConfigError(str(exc).replace("r must", "rank must")) from None

@@ -28,7 +28,7 @@ from torch import nn
 
 from relora import checkpoint as ckpt
 from relora import distributed, ownership, sharding
-from relora.adapters import unwrap, wrap
+from relora.adapters import load_merge_residuals, merge_residuals, unwrap, wrap
 from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
 from relora.distributed import Dist
@@ -298,12 +298,14 @@ def gathered_model(cfg: TrainConfig, model: nn.Module, dist: Dist, *, vocab_size
     if not dist.sharded:
         return model if dist.is_main else None
     weights = dist.full_state_dict(model)
+    residuals = merge_residuals(model)
     if not dist.is_main:
         return None
     copy = make_model(cfg, vocab_size)
     if wrapped:
         wrap(copy, cfg.relora_config())
     copy.load_state_dict(weights)
+    load_merge_residuals(copy, residuals)  # bf16 frozen weights: the export adds them back
     return copy
 
 
@@ -399,7 +401,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         phase.scheduler.load_state_dict(saved["scheduler"])
         if phase.controller is not None:
             phase.controller.load_state_dict(saved["controller"])
-        ckpt.set_rng_state(saved["rng"])
+        ckpt.restore_rng_states(saved["rng"], rank=dist.rank, world_size=dist.world_size,
+                                device=device if dist.active else None)
         target_scale = lr_scale if lr_scale is not None else state.get("lr_scale", 1.0)
         _rescale(phase, target_scale / state.get("lr_scale", 1.0))
         state["lr_scale"] = target_scale

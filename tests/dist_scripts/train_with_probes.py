@@ -5,6 +5,7 @@ have rank 0 append them, one JSON list per merge, to $PROBE_OUT.
 PROBE=crash: rank 1 raises in its 5th forward pass.
 PROBE=kill_in_merge: SIGKILL itself in the middle of merge number $KILL_AT (a count of merged layers).
 PROBE=kill_in_save: SIGKILL itself after writing the weights of checkpoint save number $KILL_AT.
+PROBE=rank_rng: seed torch, numpy and python with 1000 + rank first, so every rank draws other dropout masks.
 (Also used without torchrun, by tests/test_reliability.py.)
 """
 
@@ -64,5 +65,14 @@ elif probe in ("kill_in_merge", "kill_in_save"):
         return result
 
     setattr(module, name, killing)
+elif probe == "rank_rng":
+    import random
+
+    import numpy as np
+
+    seed = 1000 + int(os.environ["RANK"])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 sys.exit(main(["train", *sys.argv[1:]]))
