@@ -85,6 +85,11 @@ BAD_TRAIN = [
     (["--prune", "biggest"], "prune must be one of"),
     (["--prune-ratio", "1.5"], "prune_ratio"),
     (["--restart-adam-step", "never"], "restart_adam_step must be one of keep, reset"),
+    (["--reference-defects", "zero-init-b"],
+     "unknown reference defect 'zero-init-b'; the names are zero-init-a, unscaled-merge, independent-masks"),
+    (["--reference-defects", "unscaled-merge", "--quantize", "nf4"], "unscaled-merge is not exact with quantize"),
+    (["--reference-defects", "independent-masks"], "use it with prune='random' (--prune random)"),
+    (["--method", "full", "--reference-defects", "zero-init-a"], "method full has none"),
     (["--reset-every", "1"], "reset_every"),
     (["--micro-batch", "3"], "micro_batch"),
     (["--data", "/nonexistent/data"], "/nonexistent/data"),
@@ -151,3 +156,14 @@ def test_restart_adam_step_flag_reaches_the_controller_config():
     assert resolve_config(overrides=_train_overrides(args)).relora_config().restart_adam_step == "reset"
     assert resolve_config().relora_config().restart_adam_step == "keep"
 
+
+def test_reference_defects_flag_reaches_train_and_compare_configs():
+    from relora.cli import _train_overrides, build_parser
+    from relora.run_config import resolve_config
+
+    for command in ("train", "compare"):
+        args = build_parser().parse_args([command, "--reference-defects", "zero-init-a,unscaled-merge"])
+        config = resolve_config(overrides=_train_overrides(args))
+        assert config.relora_config().reference_defects == ("zero-init-a", "unscaled-merge")
+    assert resolve_config().relora_config().reference_defects == ()
+    assert "STUDY ONLY" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()

@@ -176,3 +176,19 @@ def test_resume_refuses_another_parallelism(prepared_data, tmp_path, capsys):
                      save_every=2), progress=False)
     assert main(["train", "--out", str(out), "--resume", "--distributed", "fsdp", "--no-progress"]) == 2
     assert "different distributed" in capsys.readouterr().err
+
+
+def test_fsdp_reproduces_the_reference_defects_of_one_process(prepared_data, tmp_path):
+    """zero-init-a, unscaled-merge and independent-masks are exact under FSDP (docs/method.md): same curve."""
+    defects = dict(reference_defects=["zero-init-a", "unscaled-merge", "independent-masks"], prune="random",
+                   prune_ratio=0.999)
+    single = tmp_path / "single"
+    torch.set_num_threads(1)
+    train(run_config(prepared_data, single, **{k: v for k, v in SETTINGS.items() if k != "model"}, **defects),
+          progress=False)
+    out = tmp_path / "fsdp"
+    done = torchrun(tmp_path, prepared_data, out, "--distributed", "fsdp", "--prune", "random", "--prune-ratio",
+                    "0.999", "--reference-defects", ",".join(defects["reference_defects"]))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in records(out) if r.get("restart")] == [20, 30]
+    assert losses(out) == pytest.approx(losses(single), rel=1e-5)

@@ -90,19 +90,21 @@ def base_weight(layer: LoraLayer) -> torch.Tensor:
     return weight
 
 
-def delta_weight(layer: LoraLayer) -> torch.Tensor:
+def delta_weight(layer: LoraLayer, scale: float | None = None) -> torch.Tensor:
     """s * B @ A in float32, laid out like the base weight: the one place it is computed.
 
     Whole on every rank, also when A and B are sharded (they are small).
+    ``scale`` replaces s (the layer's alpha / r) only for the study-only
+    reference defect ``unscaled-merge`` (scale 1).
     """
     a = sharding.full(layer.lora_A[ADAPTER].weight).float()
     b = sharding.full(layer.lora_B[ADAPTER].weight).float()
-    delta = (b @ a) * layer.scaling[ADAPTER]
+    delta = (b @ a) * (layer.scaling[ADAPTER] if scale is None else scale)
     return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
 
 @torch.no_grad()
-def merge_layer(layer: LoraLayer) -> None:
+def merge_layer(layer: LoraLayer, scale: float | None = None) -> None:
     """W <- W + s B A, summed in float32 and rounded once to W's dtype, in place.
 
     In place on the same tensor object, so the optimizer and any DDP/FSDP
@@ -111,13 +113,14 @@ def merge_layer(layer: LoraLayer) -> None:
     (``merge_residual``) and keeps the new one, so many small merges add up
     to their sum rounded once. A quantized W is dequantized, summed in
     float32 and re-quantized.
+    ``scale`` replaces s (``delta_weight``; only the reference defect ``unscaled-merge``).
     """
     if quantize.is_quantized(layer.get_base_layer()):
-        quantize.merge_(layer.get_base_layer(), delta_weight(layer))
+        quantize.merge_(layer.get_base_layer(), delta_weight(layer, scale))
         return
     weight = base_weight(layer)
     part = sharding.local(weight)
-    total = part.float() + sharding.local_part(delta_weight(layer), weight)
+    total = part.float() + sharding.local_part(delta_weight(layer, scale), weight)
     if part.dtype == torch.float32:
         part.copy_(total)
         return
@@ -187,19 +190,22 @@ def load_merge_residuals(model: nn.Module, residuals: dict[str, torch.Tensor]) -
 
 
 @torch.no_grad()
-def reinit_adapters(model: nn.Module, seed: int) -> None:
+def reinit_adapters(model: nn.Module, seed: int, *, zero_a: bool = False) -> None:
     """A <- Kaiming-uniform(a=sqrt(5)), B <- 0 for every adapter.
 
     Values are drawn in float32 on the CPU from one generator seeded with
     ``seed``, so every rank and every device type draws the same numbers.
     Never both zero: with A = B = 0 neither gets a gradient (the reference
-    code's defect, spec section 2).
+    code's defect, spec section 2) -- except with ``zero_a``, which ``wrap``
+    sets for the study-only reference defect ``zero-init-a``.
     """
     generator = torch.Generator().manual_seed(seed)
     for layer in lora_layers(model):
         a = layer.lora_A[ADAPTER].weight
         values = torch.empty(a.shape, dtype=torch.float32)
         nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+        if zero_a:  # REFERENCE DEFECT zero-init-a (study only): A = B = 0, no adapter gradient until a merge
+            values.zero_()
         sharding.assign_(a, values)  # a sharded A keeps its slice of the same whole matrix
         layer.lora_B[ADAPTER].weight.zero_()
 
@@ -244,7 +250,8 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
         layer.get_base_layer().weight.requires_grad_(False)
         if config.frozen_dtype != "float32" and not config.quantize:
             store_frozen_as(layer, getattr(torch, config.frozen_dtype))
-    reinit_adapters(model, config.seed)
+    # REFERENCE DEFECT zero-init-a (study only): A zeroed at wrap; re-inits at merges stay Kaiming, as in the reference
+    reinit_adapters(model, config.seed, zero_a="zero-init-a" in config.reference_defects)
     return model
 
 
@@ -285,15 +292,17 @@ def _restore_float32(base: nn.Module, merged: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def merge_and_reinit(model: nn.Module, seed: int) -> int:
+def merge_and_reinit(model: nn.Module, seed: int, *, unscaled: bool = False) -> int:
     """Merge every adapter into its base weight, then re-init it from ``seed``.
 
     The model's function is unchanged (up to rounding of W's dtype). Returns
-    the number of adapters merged.
+    the number of adapters merged. ``unscaled`` is the study-only reference
+    defect ``unscaled-merge``: W <- W + B A, so the function changes by
+    (1 - s) B A x per layer.
     """
     layers = lora_layers(model)
     for layer in layers:
-        merge_layer(layer)
+        merge_layer(layer, 1.0 if unscaled else None)  # REFERENCE DEFECT unscaled-merge: scale 1, not s
     reinit_adapters(model, seed)
     return len(layers)
 

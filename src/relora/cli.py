@@ -62,6 +62,11 @@ def _yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
+def _name_list(text: str) -> list[str]:
+    """A comma-separated list of names; checked against the known names by the config (a one-line error)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of the same name
     "--preset": (str, "model size and recipe: tiny, 9m, 20m, 60m, 130m, 250m, 350m, 1b"),
     "--method": (str, "full, control, lora, lora-ws, relora (default), online-relora; galore, apollo, apollo-mini "
@@ -84,6 +89,11 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
     "--restart-adam-step": (str, "Adam's step counter of the pruned adapters at a restart: keep (default, as the "
                                  "paper) or reset (bias correction starts afresh for the fresh moments)"),
+    "--reference-defects": (_name_list, "FOR STUDY ONLY, off by default: reproduce defects of the reference / "
+                                        "relora-pico code, comma-separated: zero-init-a (A zeroed with B at wrap), "
+                                        "unscaled-merge (merges fold B A, not alpha/rank B A), independent-masks "
+                                        "(with --prune random: separate random masks for Adam's m and v); "
+                                        "adapter methods only, see docs/method.md"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
     "--proj-lr": (float, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)"),
     "--proj-rank": (int, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank for the model "

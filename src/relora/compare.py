@@ -87,6 +87,8 @@ PAPER_SETS = ("main", "ablation")  # what ``--set all`` runs: the ReLoRA paper's
 def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_file: str | None,
                 overrides: dict[str, Any]) -> TrainConfig:
     values = {**overrides, **spec.settings, "out": str(runs_dir / spec.name)}
+    if values.get("method") not in ADAPTER_METHODS:  # the study-only reference defects are adapters' defects:
+        values.pop("reference_defects", None)  # full-rank runs are the same run without them, and reused
     return resolve_config(preset=preset, config_file=config_file, overrides=values)
 
 

@@ -9,6 +9,9 @@ from relora.optim import PRUNE_METHODS, RESTART_ADAM_STEPS
 FROZEN_DTYPES = ("float32", "bfloat16")
 QUANT_TYPES = ("nf4", "int8")  # storage formats of relora.quantize (bitsandbytes)
 MASTER_WEIGHTS = ("cpu",)
+# Defects of the reference / relora-pico code, reproducible one at a time FOR STUDY ONLY (spec sections 2-4;
+# docs/method.md "Reference defects"). Never on by default.
+REFERENCE_DEFECTS = ("zero-init-a", "unscaled-merge", "independent-masks")
 
 
 @dataclass
@@ -50,8 +53,15 @@ class ReLoRAConfig:
     # With quantize set, frozen_dtype does not apply.
     quantize: str | None = None
     master_weights: str | None = None
+    # STUDY ONLY: reproduce defects of the reference / relora-pico code, each alone (REFERENCE_DEFECTS):
+    # "zero-init-a": A zeroed with B at wrap (no adapter gradient until the first merge; re-inits stay Kaiming);
+    # "unscaled-merge": merges fold B A, not s B A (the function changes by (1 - s) B A at every merge);
+    # "independent-masks": with prune="random", m and v get independent random masks (orphan first moments).
+    reference_defects: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.reference_defects, list):
+            self.reference_defects = tuple(self.reference_defects)
         if self.merge_every is None:
             self.merge_every = self.reset_every
         self.validate()
@@ -110,6 +120,26 @@ class ReLoRAConfig:
             isinstance(self.target_modules, str) or not all(isinstance(t, str) for t in self.target_modules)
         ):
             raise ValueError(f"target_modules must be a list of strings, got {self.target_modules!r}")
+        self._validate_defects()
+
+    def _validate_defects(self) -> None:
+        """Known names, and only where the defect is reproduced exactly (docs/method.md, "Reference defects")."""
+        defects = self.reference_defects
+        if not isinstance(defects, tuple) or not all(isinstance(d, str) for d in defects):
+            raise ValueError(f"reference_defects must be a list of names ({', '.join(REFERENCE_DEFECTS)}), "
+                             f"got {defects!r}")
+        unknown = [d for d in defects if d not in REFERENCE_DEFECTS]
+        if unknown:
+            raise ValueError(f"unknown reference defect {unknown[0]!r}; the names are {', '.join(REFERENCE_DEFECTS)}")
+        if "unscaled-merge" in defects and self.quantize is not None:
+            raise ValueError("reference defect unscaled-merge is not exact with quantize: each merge re-quantizes, "
+                             "so the function changes by more than (1 - s) B A; drop quantize for the study")
+        if "independent-masks" in defects and self.prune not in ("random", "none"):
+            raise ValueError(f"reference defect independent-masks draws independent random masks: use it with "
+                             f"prune='random' (--prune random), not {self.prune!r}; the reference code's "
+                             "magnitude-ranked independent rule is prune='independent'")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        values["reference_defects"] = list(self.reference_defects)  # as JSON stores it: resumes compare equal
+        return values

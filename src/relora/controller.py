@@ -64,7 +64,8 @@ class ReLoRA:
         """Whether the adapters' optimizer state is known prunable (ValueError when it is not)."""
         if self.config.reset_every is None:  # no restarts: nothing is ever pruned
             return True
-        return check_prunable(self.optimizer, adapter_parameters(self.model), self.config.prune, probe=probe)
+        return check_prunable(self.optimizer, adapter_parameters(self.model), self.config.prune, probe=probe,
+                              independent_masks="independent-masks" in self.config.reference_defects)
 
     def _is_due(self, step: int, every: int | None) -> bool:
         offset = step - self.start_step
@@ -93,7 +94,8 @@ class ReLoRA:
         if not self._is_due(global_step, self.config.merge_every):
             return event
         # Seed from the step: identical on every rank, different every cycle.
-        merge_and_reinit(self.model, seed=self.config.seed + global_step)
+        merge_and_reinit(self.model, seed=self.config.seed + global_step,
+                         unscaled="unscaled-merge" in self.config.reference_defects)  # study-only defect
         self.merges += 1
         event.merged = True
         if self._is_due(global_step, self.config.reset_every):
@@ -105,6 +107,7 @@ class ReLoRA:
                 self.config.prune_ratio,
                 generator=generator,
                 restart_step=self.config.restart_adam_step == "reset",
+                independent_masks="independent-masks" in self.config.reference_defects,  # study-only defect
             )
             self.restarts += 1
             event.restarted = True

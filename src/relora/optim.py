@@ -178,10 +178,14 @@ def _layout(optimizer: torch.optim.Optimizer, state: dict, param: torch.Tensor) 
     return layout
 
 
-def _check_method(optimizer: torch.optim.Optimizer, layout: _Layout, method: str, state: dict) -> None:
+def _check_method(optimizer: torch.optim.Optimizer, layout: _Layout, method: str, state: dict,
+                  independent_masks: bool = False) -> None:
     if method == "independent" and layout.factored:
         raise _refuse(optimizer, state, "prune='independent' ranks two per-entry moments separately and a factored "
                                         "second moment has none; use magnitude, random or full")
+    if independent_masks and method == "random" and layout.factored:
+        raise _refuse(optimizer, state, "the reference defect independent-masks masks two per-entry moments "
+                                        "separately and a factored second moment has none")
 
 
 def _check_managed(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
@@ -205,12 +209,20 @@ def _count_zero(tensors: list[torch.Tensor]) -> int:
     return int(total.full_tensor() if sharding.is_sharded(total) else total)
 
 
-def _prune_per_entry(layout: _Layout, method: str, ratio: float, generator: torch.Generator | None) -> int:
-    """One mask for every per-entry moment; returns the entries zero in all of them afterwards."""
+def _prune_per_entry(layout: _Layout, method: str, ratio: float, generator: torch.Generator | None,
+                     independent_masks: bool = False) -> int:
+    """One mask for every per-entry moment; returns the entries zero in all of them afterwards.
+
+    ``independent_masks`` (with "random") is the study-only reference defect
+    of relora-pico: m gets its own random mask, drawn after v's.
+    """
     v, m = layout.second, layout.first
     shape = v.tensor.shape
     if method == "magnitude":
         mask_v = mask_m = _topk_mask(sharding.full(v.values()), keep_count(v.tensor.numel(), ratio))
+    elif method == "random" and independent_masks:  # REFERENCE DEFECT independent-masks: orphan first moments
+        mask_v = _random_mask(shape, ratio, generator)
+        mask_m = _random_mask(shape, ratio, generator)
     elif method == "random":
         mask_v = mask_m = _random_mask(shape, ratio, generator)
     elif method == "full":
@@ -289,6 +301,7 @@ def prune_optimizer_state(
     *,
     generator: torch.Generator | None = None,
     restart_step: bool = False,
+    independent_masks: bool = False,
 ) -> float:
     """Prune the optimizer state of ``params`` in place, one mask per tensor for all its moments.
 
@@ -308,6 +321,13 @@ def prune_optimizer_state(
     second moment (Adafactor) is pruned by blocks of rows x columns
     (``_prune_factored``). ``restart_step`` also sets the pruned tensors'
     ``step`` to 0 (``ReLoRAConfig.restart_adam_step="reset"``).
+
+    ``independent_masks`` is the study-only reference defect of relora-pico
+    (``ReLoRAConfig.reference_defects``): with method "random", the first
+    moment gets its own random mask instead of v's, each entry zeroed with
+    probability ``ratio``, which leaves orphan first moments (spec section
+    4). A separate switch rather than a prune method, so that it changes only
+    the sharing of the mask; it does nothing with other methods.
 
     Parameters the optimizer holds but has no state for yet (never stepped)
     have nothing to prune and are skipped. A parameter that is not in the
@@ -335,11 +355,11 @@ def prune_optimizer_state(
         if not state:
             continue
         layout = _layout(optimizer, state, param)
-        _check_method(optimizer, layout, method, state)
+        _check_method(optimizer, layout, method, state, independent_masks)
         if layout.factored:
             zeroed += _prune_factored(layout, method, ratio, generator)
         else:
-            zeroed += _prune_per_entry(layout, method, ratio, generator)
+            zeroed += _prune_per_entry(layout, method, ratio, generator, independent_masks)
         total += param.numel()
         if restart_step:
             _restart_step(state)
@@ -347,7 +367,8 @@ def prune_optimizer_state(
 
 
 def check_prunable(
-    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], method: str, *, probe: bool = True
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], method: str, *, probe: bool = True,
+    independent_masks: bool = False,
 ) -> bool:
     """Raise the ValueError that ``prune_optimizer_state`` would raise at the first restart, now.
 
@@ -376,13 +397,15 @@ def check_prunable(
         stated = [p for p in mine if optimizer.state.get(p)]
         for param in stated:
             state = optimizer.state[param]
-            _check_method(optimizer, _layout(optimizer, state, param), method, state)
+            _check_method(optimizer, _layout(optimizer, state, param), method, state, independent_masks)
         if mine and not stated:
-            checked = probe and _probe(optimizer, group, max(mine, key=lambda p: p.numel()), method) and checked
+            biggest = max(mine, key=lambda p: p.numel())
+            checked = probe and _probe(optimizer, group, biggest, method, independent_masks) and checked
     return checked
 
 
-def _probe(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor, method: str) -> bool:
+def _probe(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor, method: str,
+           independent_masks: bool = False) -> bool:
     """One step of a twin optimizer on a zero copy of ``param``; check the state it creates (no RNG is used)."""
     local = sharding.local(param).detach()
     twin_param = nn.Parameter(torch.zeros_like(local))
@@ -397,7 +420,7 @@ def _probe(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor, m
     state = twin.state.get(twin_param)
     if not state:
         raise _refuse(optimizer, {}, "it keeps no per-parameter state, so a restart would reset nothing")
-    _check_method(optimizer, _layout(optimizer, state, twin_param), method, state)
+    _check_method(optimizer, _layout(optimizer, state, twin_param), method, state, independent_masks)
     return True
 
 

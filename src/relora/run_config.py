@@ -30,7 +30,7 @@ RESUME_INCOMPATIBLE = (
     "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
     "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
     "frozen_dtype",
-    "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front",
+    "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front", "reference_defects",
 )
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 
@@ -62,6 +62,9 @@ class TrainConfig:
     prune: str = "magnitude"
     prune_ratio: float = 0.99
     restart_adam_step: str = "keep"  # Adam's step counter of the pruned adapters at a restart: "keep" or "reset"
+    # STUDY ONLY, never on by default: defects of the reference / relora-pico code to reproduce, each alone
+    # (zero-init-a, unscaled-merge, independent-masks; relora.config.REFERENCE_DEFECTS, docs/method.md)
+    reference_defects: list[str] = field(default_factory=list)
     lr: float = 1e-3  # peak LR of full-rank training (and of the warm start)
     relora_lr: float = 2e-3  # peak LR once adapters train (spec section 6: 1.5-2x full-rank)
     min_lr_ratio: float = 0.1
@@ -153,7 +156,10 @@ class TrainConfig:
             optimizer_class(self.method)  # a missing extra fails here, before any data is read
         if self.method == "online-relora" and self.merge_every is None:
             raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
-        self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals, quantize)
+        if self.reference_defects and self.method not in ADAPTER_METHODS:
+            raise ConfigError(f"reference_defects are defects of ReLoRA's adapters; method {self.method} has none "
+                              f"(use one of {', '.join(ADAPTER_METHODS)})")
+        self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals, quantize, reference defects)
         if self.quantize is not None:
             if self.method not in ADAPTER_METHODS:
                 raise ConfigError(f"quantize stores the frozen weights of adapter methods; method {self.method} "
@@ -253,6 +259,7 @@ class TrainConfig:
                 quantize=self.quantize,
                 master_weights=self.master_weights,
                 frozen_dtype=self.frozen_dtype,
+                reference_defects=tuple(self.reference_defects),
             )
         except ValueError as exc:
             raise ConfigError(str(exc).replace("r must", "rank must")) from None

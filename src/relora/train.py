@@ -327,10 +327,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
 
     Under torchrun every rank calls this; only rank 0 writes the run directory.
     """
-    device = pick_device(cfg.device)
-    if device.type == "cpu" or cfg.threads > 0:
-        apply_threads(cfg.threads)
-    dist = distributed.setup(cfg.distributed, device, cfg.dist_timeout_s)
+    dist = distributed.setup(cfg.distributed, pick_device(cfg.device), cfg.dist_timeout_s)
     rollbacks, lr_scale = 0, None
     try:
         while True:
@@ -377,6 +374,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     train_windows = TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split")
     val_windows = TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
     order = data_order(cfg, train_windows)
+    if device.type == "cpu" or cfg.threads > 0:  # after the data checks, so a user error is all that is printed
+        apply_threads(cfg.threads)
 
     reset_peak_memory(device)
     model = make_model(cfg, data.vocab_size)
