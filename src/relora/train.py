@@ -374,11 +374,11 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     train_windows = TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split")
     val_windows = TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
     order = data_order(cfg, train_windows)
-    if device.type == "cpu" or cfg.threads > 0:  # after the data checks, so a user error is all that is printed
-        apply_threads(cfg.threads)
 
     reset_peak_memory(device)
     model = make_model(cfg, data.vocab_size)
+    if device.type == "cpu" or cfg.threads > 0:  # after the data and model checks: a user error is all that prints
+        apply_threads(cfg.threads)
     state = {"step": 0, "tokens": 0, "wall_s": 0.0, "train_s": 0.0, "skipped_steps": 0, "wrapped": False,
              "peak_optimizer_state_bytes": 0, "vocab_size": data.vocab_size, "world_size": dist.world_size}
     restored = dist.broadcast_object(ckpt.latest_checkpoint(checkpoints, verify=True) if resume else None)
