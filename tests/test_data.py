@@ -137,6 +137,38 @@ def test_prepare_logs_skipped_inputs(corpus: Path, tmp_path: Path, caplog: pytes
     assert any("records.jsonl" in w and "2 records" in w for w in warnings)
 
 
+def test_prepare_reads_extensionless_text_and_says_what_it_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files without an extension are read when they are text; every other skipped file is counted aloud."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {"a.txt": "an ordinary text file\n", "README": "a readme without extension\n",
+             "LICENSE": "long text " * 2000 + "ü"}  # the 8 KiB sniff cuts the file inside nothing special
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    (corpus / "cut").write_bytes("é".encode() * 4096 + b"tail")  # 8192 bytes of 2-byte chars: the sniff ends mid-way
+    texts["cut"] = "é" * 4096 + "tail"
+    (corpus / "nul").write_bytes(b"looks like text\0but has a NUL byte")
+    (corpus / "latin1").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with caplog.at_level(logging.WARNING, logger="relora.data"):
+        out = prepare([corpus], tmp_path / "ds", vocab_size=VOCAB, val_fraction=0.2, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipping 3 of 7 files" in warnings[0], warnings
+    assert "1 .png" in warnings[0] and "2 without extension and not text" in warnings[0], warnings
+    data = load_prepared(out)
+    tok = data.tokenizer()
+    docs = split_docs(np.asarray(data.train), data.eos_id) + split_docs(np.asarray(data.val), data.eos_id)
+    assert Counter(tok.decode(d) for d in docs) == Counter(texts.values())
+    # an extension-less text file named alone is accepted too; a binary one is refused
+    alone = prepare([corpus / "README", corpus / "LICENSE"], tmp_path / "alone", vocab_size=VOCAB, progress=False)
+    assert load_prepared(alone).meta["splits"]["train"]["docs"] == 1
+    with pytest.raises(DataError) as err:
+        prepare([corpus / "nul"], tmp_path / "bad", vocab_size=VOCAB, progress=False)
+    assert_one_line(err, "unsupported type", "without an extension")
+
+
 def test_prepare_is_deterministic_and_seed_changes_split(corpus: Path, prepared: Path, tmp_path: Path) -> None:
     again = prepare([corpus], tmp_path / "same", vocab_size=VOCAB, val_fraction=0.2, text_field="body", progress=False)
     other = prepare(
