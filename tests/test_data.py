@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -348,6 +349,34 @@ def test_bad_inputs_raise_data_error(corpus: Path, tmp_path: Path) -> None:
             prepare(args.pop("inputs"), out, **(kw | args))
         assert_one_line(err, *words)
         assert not (out.parent.exists() and any(out.parent.iterdir())), "nothing left behind"
+
+
+def test_tokenizer_hash_and_identity_name_content_not_place(corpus: Path, prepared: Path, tmp_path: Path) -> None:
+    """meta.json's tokenizer hash survives a load/save round trip (as into a run's final/); the dataset identity
+    is the same for a copy elsewhere and for data prepared again, and differs for other tokens."""
+    from relora.data.tokenizer import tokenizer_fingerprint
+
+    data = load_prepared(prepared)
+    assert data.meta["tokenizer_hash"] == tokenizer_fingerprint(prepared / "tokenizer")
+    data.tokenizer().save_pretrained(tmp_path / "resaved")
+    assert tokenizer_fingerprint(tmp_path / "resaved") == data.tokenizer_hash
+    assert tokenizer_fingerprint(tmp_path) is None  # no tokenizer there
+    other = prepare([corpus], tmp_path / "other", vocab_size=VOCAB - 40, val_fraction=0.2, text_field="body",
+                    progress=False)
+    assert load_prepared(other).tokenizer_hash != data.tokenizer_hash
+
+    copy = Path(shutil.copytree(prepared, tmp_path / "elsewhere" / "copy"))
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["tokenizer_hash"]  # as prepared before the hash was stored: computed from tokenizer/
+    meta["created"] = "2000-01-01T00:00:00+00:00"
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert load_prepared(copy).identity == data.identity and load_prepared(copy).tokenizer_hash == data.tokenizer_hash
+    assert load_prepared(other).identity != data.identity
+    again = prepare([corpus], tmp_path / "again", vocab_size=VOCAB, val_fraction=0.2, text_field="body", progress=False)
+    assert load_prepared(again).identity == data.identity
+    reseeded = prepare([corpus], tmp_path / "reseeded", vocab_size=VOCAB, val_fraction=0.2, text_field="body",
+                       seed=1, progress=False)
+    assert load_prepared(reseeded).identity != data.identity
 
 
 def test_tokenizer_without_eos_is_rejected(tmp_path: Path, corpus: Path) -> None:
