@@ -231,19 +231,13 @@ def test_eval_refuses_data_prepared_with_another_tokenizer(finished, prepared_da
 
 
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(finished, tmp_path, capsys):
-    from relora.run_config import TrainConfig
-    from relora.train import train
-
     run = Path(shutil.copytree(finished[0], tmp_path / "run"))
     before = tree_digest(run)
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "is finished" in out and "nothing changed" in out and "--init-from" in out, out
     assert tree_digest(run) == before
-    config = TrainConfig(**{**yaml.safe_load((run / "config.yaml").read_text()), "out": str(run)})
-    summary = train(config, resume=True, progress=False)  # the library too: the stored summary, nothing rewritten
-    assert summary.val_ppl == json.loads((run / "summary.json").read_text())["val_ppl"]
-    assert tree_digest(run) == before
+    assert f"val ppl      {json.loads((run / 'summary.json').read_text())['val_ppl']:.2f}" in out, out
 
 
 def test_resume_finds_its_data_by_identity_not_spelling(prepared_data, tmp_path, monkeypatch, capsys):

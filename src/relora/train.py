@@ -333,12 +333,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
     """Run (or resume) a training run described by ``cfg`` into ``cfg.out``.
 
     Under torchrun every rank calls this; only rank 0 writes the run directory.
-    Resuming a finished run (it has summary.json) changes nothing and returns its summary.
     """
-    done = finished_summary(Path(cfg.out)) if resume else None
-    if done is not None:
-        logger.info("%s is finished (it has summary.json): nothing to resume", cfg.out)
-        return done
     dist = distributed.setup(cfg.distributed, pick_device(cfg.device), cfg.dist_timeout_s)
     rollbacks, lr_scale = 0, None
     try:
