@@ -244,6 +244,7 @@ def test_resume_finds_its_data_by_identity_not_spelling(prepared_data, tmp_path,
     """The run stores its data resolved with an identity: resumable from another directory, by another path to
     the same tokens; other tokens are refused, also when they replace the data at the same path."""
     from relora.data import load_prepared, prepare
+    from relora.run_config import resolve_config
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -256,6 +257,8 @@ def test_resume_finds_its_data_by_identity_not_spelling(prepared_data, tmp_path,
     run = work / "run"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"] == str(data.resolve()) and saved["data_id"] == load_prepared(data).identity
+    # the run's config.yaml reused as --config of a new run: the identity is the new run's to compute
+    assert resolve_config(config_file=run / "config.yaml").data_id is None
 
     def resume(*flags):
         (run / "summary.json").unlink()  # unfinished again: --resume has work (the export) left to do

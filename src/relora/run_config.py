@@ -310,6 +310,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
                 values["model"] = merge_model(values["model"], value)
             else:
                 values[key] = value
+    values.pop("data_id", None)  # derived by the run from its data; a run's config.yaml reused as --config has one
     config = TrainConfig(**values)
     config.validate()
     return config

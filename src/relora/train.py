@@ -84,9 +84,13 @@ def finished_summary(run_dir: Path) -> RunSummary | None:
     path = run_dir / "summary.json"
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
     known = {f.name for f in fields(RunSummary)}
-    return RunSummary(**{**{k: v for k, v in saved.items() if k in known}, "run_dir": run_dir})
+    try:
+        saved = json.loads(path.read_text())
+        return RunSummary(**{**{k: v for k, v in saved.items() if k in known}, "run_dir": run_dir})
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                          "the run finished: its model is in final/") from None
 
 
 @dataclass
