@@ -188,7 +188,7 @@ def test_eval_of_a_runs_model_reproduces_its_summary(finished, prepared_data, ca
         assert main(["eval", "--model", str(model), "--data", str(prepared_data), "--device", "cpu"]) == 0
         out = capsys.readouterr().out
         loss, ppl = printed_eval(out)
-        assert "seq-len 32 (the run's evaluation settings)" in out and "(384 tokens" in out, out
+        assert "seq-len 32; the run's evaluation settings)" in out and "(384 tokens" in out, out
         assert abs(loss - summary["val_loss"]) <= 5e-5 + 1e-6, (loss, summary["val_loss"])  # printed to 4 decimals
         assert abs(ppl - summary["val_ppl"]) <= 5e-3 + 1e-5 * ppl, (ppl, summary["val_ppl"])  # and to 2
     with pytest.raises(SystemExit):

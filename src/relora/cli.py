@@ -337,7 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     n = max(1, settings["eval_tokens"] // seq_len)
     loss = evaluate(model, windows, num_windows=n, micro_batch=settings["micro_batch"], device=device,
                     autocast=autocast_for(device))
-    source = " (the run's evaluation settings)" if run_config and set(given.values()) == {None} else ""
+    source = "; the run's evaluation settings" if run_config and set(given.values()) == {None} else ""
     print(f"val loss {loss:.4f}  val ppl {perplexity(loss):.2f}  ({min(n, len(windows)) * seq_len:,} tokens, "
           f"seq-len {seq_len}{source})")
     return 0
