@@ -1,7 +1,11 @@
 """The relora command: contract flags, exit codes, one-line errors, files left intact."""
 
 import hashlib
+import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +171,157 @@ def test_reference_defects_flag_reaches_train_and_compare_configs():
         assert config.relora_config().reference_defects == ("zero-init-a", "unscaled-merge")
     assert resolve_config().relora_config().reference_defects == ()
     assert "STUDY ONLY" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+
+
+# ---------------------------------------------------------------- issue 15: misleading results, silent behaviour
+FINISHED_SETTINGS = dict(model=TINY_MODEL, steps=20, warmup_steps=2, warm_start_steps=6, reset_every=6,
+                         restart_warmup_steps=2, rank=4, batch_tokens=256, micro_batch=8, seq_len=32, eval_every=10,
+                         eval_tokens=384, save_every=10, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, prepared_data):
+    """A finished tiny ReLoRA run trained by the real console script with its progress bar on: (run, stderr)."""
+    root = tmp_path_factory.mktemp("finished")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**FINISHED_SETTINGS, "data": str(prepared_data)}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "relora", "train", "--config", str(config), "--out", "run"],
+                            capture_output=True, text=True, env=env, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root / "run", result.stderr
+
+
+def printed_eval(text: str) -> tuple[float, float]:
+    match = re.search(r"val loss (\S+)  val ppl (\S+)", text)
+    assert match, text
+    return float(match.group(1)), float(match.group(2))
+
+
+def test_val_ppl_is_printed_above_the_progress_bar_when_evaluated(finished):
+    run, stderr = finished
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "val_ppl" in r]
+    assert [r["step"] for r in evaluated] == [10, 20]
+    segments = re.split(r"[\r\n]", stderr)  # tqdm redraws its bar with \r; a log line is a segment of its own
+    for r in evaluated:
+        line = f"step {r['step']}: val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}"
+        assert line in segments, stderr
+
+
+def test_eval_of_a_runs_model_reproduces_its_summary(finished, prepared_data, capsys):
+    """Without --seq-len / --eval-tokens / --micro-batch, eval uses the run's, so it prints summary.json's numbers."""
+    run, _ = finished
+    summary = json.loads((run / "summary.json").read_text())
+    for model in (run / "final", run / "checkpoints" / "step_20"):
+        assert main(["eval", "--model", str(model), "--data", str(prepared_data), "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        loss, ppl = printed_eval(out)
+        assert "seq-len 32; the run's evaluation settings)" in out and "(384 tokens" in out, out
+        assert abs(loss - summary["val_loss"]) <= 5e-5 + 1e-6, (loss, summary["val_loss"])  # printed to 4 decimals
+        assert abs(ppl - summary["val_ppl"]) <= 5e-3 + 1e-5 * ppl, (ppl, summary["val_ppl"])  # and to 2
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "default: the run's, else 256" in help_text and "default: the run's, else 1,000,000" in help_text
+
+
+def test_eval_refuses_data_prepared_with_another_tokenizer(finished, prepared_data, tmp_path, capsys, caplog):
+    from relora.data import prepare
+
+    run, _ = finished
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"a different corpus, document number {i}; " * 80)
+    other = prepare([corpus], tmp_path / "other", vocab_size=300, val_fraction=0.5, progress=False)
+    for model in (run / "final", run / "checkpoints" / "step_20"):  # final/'s tokenizer; the run's data's
+        assert main(["eval", "--model", str(model), "--data", str(other), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("relora: error:") and len(err.splitlines()) == 1, err
+        assert "another tokenizer" in err and "--tokenizer" in err, err
+
+    # data prepared before meta.json stored the hash: computed from its tokenizer/, and it matches
+    old = Path(shutil.copytree(prepared_data, tmp_path / "old"))
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["tokenizer_hash"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert main(["eval", "--model", str(run / "final"), "--data", str(old), "--device", "cpu"]) == 0
+
+    # a model directory without a tokenizer and outside any run: evaluated, with a loud warning
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        if (run / "final" / name).is_file():
+            shutil.copy(run / "final" / name, bare / name)
+    caplog.set_level(logging.WARNING)
+    assert main(["eval", "--model", str(bare), "--data", str(other), "--device", "cpu"]) == 0
+    assert any("cannot check" in r.getMessage() for r in caplog.records), caplog.records
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(finished, tmp_path, capsys):
+    run = Path(shutil.copytree(finished[0], tmp_path / "run"))
+    before = tree_digest(run)
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "is finished" in out and "nothing changed" in out and "--init-from" in out, out
+    assert tree_digest(run) == before
+    assert f"val ppl      {json.loads((run / 'summary.json').read_text())['val_ppl']:.2f}" in out, out
+
+
+def test_resume_finds_its_data_by_identity_not_spelling(prepared_data, tmp_path, monkeypatch, capsys):
+    """The run stores its data resolved with an identity: resumable from another directory, by another path to
+    the same tokens; other tokens are refused, also when they replace the data at the same path."""
+    from relora.data import load_prepared, prepare
+    from relora.run_config import resolve_config
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = Path(shutil.copytree(prepared_data, work / "data"))
+    config = work / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**FINISHED_SETTINGS, "steps": 10, "eval_every": 0, "save_every": 5,
+                                      "data": "data"}))  # relative, as typed
+    monkeypatch.chdir(work)
+    assert main(["train", "--config", "tiny.yaml", "--out", "run", "--no-progress"]) == 0
+    run = work / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"] == str(data.resolve()) and saved["data_id"] == load_prepared(data).identity
+    # the run's config.yaml reused as --config of a new run: the identity is the new run's to compute
+    assert resolve_config(config_file=run / "config.yaml").data_id is None
+
+    def resume(*flags):
+        (run / "summary.json").unlink()  # unfinished again: --resume has work (the export) left to do
+        code = main(["train", "--out", str(run), "--resume", "--no-progress", *flags])
+        if code != 0:
+            (run / "summary.json").write_text("{}")
+        return code, capsys.readouterr()
+
+    monkeypatch.chdir(elsewhere)
+    assert resume()[0] == 0  # another working directory
+    assert resume("--data", str(data.resolve()))[0] == 0  # an absolute path
+    copy = shutil.copytree(data, tmp_path / "moved" / "data")
+    assert resume("--data", str(copy))[0] == 0  # the same tokens elsewhere
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(copy.resolve())
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"other data, document {i}; " * 200)
+    other = prepare([corpus], tmp_path / "other", vocab_size=512, val_fraction=0.5, progress=False)
+    code, captured = resume("--data", str(other))
+    assert code == 2 and "different data" in captured.err, captured.err
+    shutil.rmtree(copy)
+    shutil.copytree(other, copy)  # other tokens where the run's data was
+    code, captured = resume()
+    assert code == 2 and "holds other tokens" in captured.err, captured.err
+
+    # a run config from before data_id: resumed as before, from its own directory
+    shutil.rmtree(copy)
+    shutil.copytree(data, copy)
+    old = yaml.safe_load((run / "config.yaml").read_text())
+    old.pop("data_id")
+    old["data"] = "data"
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    monkeypatch.chdir(work)
+    assert resume()[0] == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data_id"] == load_prepared(data).identity

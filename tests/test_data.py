@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -135,6 +136,38 @@ def test_prepare_logs_skipped_inputs(corpus: Path, tmp_path: Path, caplog: pytes
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("broken.txt" in w for w in warnings)
     assert any("records.jsonl" in w and "2 records" in w for w in warnings)
+
+
+def test_prepare_reads_extensionless_text_and_says_what_it_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Files without an extension are read when they are text; every other skipped file is counted aloud."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {"a.txt": "an ordinary text file\n", "README": "a readme without extension\n",
+             "LICENSE": "long text " * 2000 + "ü"}  # the 8 KiB sniff cuts the file inside nothing special
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    (corpus / "cut").write_bytes("é".encode() * 4096 + b"tail")  # 8192 bytes of 2-byte chars: the sniff ends mid-way
+    texts["cut"] = "é" * 4096 + "tail"
+    (corpus / "nul").write_bytes(b"looks like text\0but has a NUL byte")
+    (corpus / "latin1").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (corpus / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with caplog.at_level(logging.WARNING, logger="relora.data"):
+        out = prepare([corpus], tmp_path / "ds", vocab_size=VOCAB, val_fraction=0.2, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipping 3 of 7 files" in warnings[0], warnings
+    assert "1 .png" in warnings[0] and "2 without extension and not text" in warnings[0], warnings
+    data = load_prepared(out)
+    tok = data.tokenizer()
+    docs = split_docs(np.asarray(data.train), data.eos_id) + split_docs(np.asarray(data.val), data.eos_id)
+    assert Counter(tok.decode(d) for d in docs) == Counter(texts.values())
+    # an extension-less text file named alone is accepted too; a binary one is refused
+    alone = prepare([corpus / "README", corpus / "LICENSE"], tmp_path / "alone", vocab_size=VOCAB, progress=False)
+    assert load_prepared(alone).meta["splits"]["train"]["docs"] == 1
+    with pytest.raises(DataError) as err:
+        prepare([corpus / "nul"], tmp_path / "bad", vocab_size=VOCAB, progress=False)
+    assert_one_line(err, "unsupported type", "without an extension")
 
 
 def test_prepare_is_deterministic_and_seed_changes_split(corpus: Path, prepared: Path, tmp_path: Path) -> None:
@@ -317,6 +350,34 @@ def test_bad_inputs_raise_data_error(corpus: Path, tmp_path: Path) -> None:
             prepare(args.pop("inputs"), out, **(kw | args))
         assert_one_line(err, *words)
         assert not (out.parent.exists() and any(out.parent.iterdir())), "nothing left behind"
+
+
+def test_tokenizer_hash_and_identity_name_content_not_place(corpus: Path, prepared: Path, tmp_path: Path) -> None:
+    """meta.json's tokenizer hash survives a load/save round trip (as into a run's final/); the dataset identity
+    is the same for a copy elsewhere and for data prepared again, and differs for other tokens."""
+    from relora.data.tokenizer import tokenizer_fingerprint
+
+    data = load_prepared(prepared)
+    assert data.meta["tokenizer_hash"] == tokenizer_fingerprint(prepared / "tokenizer")
+    data.tokenizer().save_pretrained(tmp_path / "resaved")
+    assert tokenizer_fingerprint(tmp_path / "resaved") == data.tokenizer_hash
+    assert tokenizer_fingerprint(tmp_path) is None  # no tokenizer there
+    other = prepare([corpus], tmp_path / "other", vocab_size=VOCAB - 40, val_fraction=0.2, text_field="body",
+                    progress=False)
+    assert load_prepared(other).tokenizer_hash != data.tokenizer_hash
+
+    copy = Path(shutil.copytree(prepared, tmp_path / "elsewhere" / "copy"))
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["tokenizer_hash"]  # as prepared before the hash was stored: computed from tokenizer/
+    meta["created"] = "2000-01-01T00:00:00+00:00"
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert load_prepared(copy).identity == data.identity and load_prepared(copy).tokenizer_hash == data.tokenizer_hash
+    assert load_prepared(other).identity != data.identity
+    again = prepare([corpus], tmp_path / "again", vocab_size=VOCAB, val_fraction=0.2, text_field="body", progress=False)
+    assert load_prepared(again).identity == data.identity
+    reseeded = prepare([corpus], tmp_path / "reseeded", vocab_size=VOCAB, val_fraction=0.2, text_field="body",
+                       seed=1, progress=False)
+    assert load_prepared(reseeded).identity != data.identity
 
 
 def test_tokenizer_without_eos_is_rejected(tmp_path: Path, corpus: Path) -> None:

@@ -177,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from relora.data import prepare_default_corpus
     from relora.models import ConfigError
     from relora.run_config import TrainConfig, incompatible_changes, merge_model, read_config_file, resolve_config
-    from relora.train import train
+    from relora.train import finished_summary, train
 
     overrides = _train_overrides(args)
     lr = overrides.pop("lr", None)
@@ -194,12 +194,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig(**{**values, "out": str(run_dir)})
         _set_lr(config, lr)
         config.validate()
+        if config.data != saved.get("data"):  # another path, working directory or dataset: compared by identity
+            config.data_id = _data_identity(config.data)
+            if not saved.get("data_id"):  # an older run's config: the identity of what its path holds now
+                saved["data_id"] = _data_identity(saved.get("data"), missing_ok=True)
         changed = incompatible_changes(saved, config.to_dict())
         if changed:
             raise ConfigError(
                 f"cannot resume {run_dir} with a different {', '.join(changed)}; drop those flags or start a new --out"
             )
-        harmless = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k != "out")
+        done = finished_summary(run_dir)
+        if done is not None:  # exit 0: the run is where --resume would take it (scripts may resume blindly)
+            print(f"{run_dir} is finished (it has summary.json): nothing to resume, nothing changed. To train "
+                  f"further, start a new run from its model: relora train --init-from {run_dir / 'final'} --out NEW")
+            print(_format_summary(done))
+            return 0
+        harmless = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v and k not in ("out", "data_id"))
         if harmless:
             logger.info("resuming with changed settings: %s", ", ".join(harmless))
     else:
@@ -229,6 +239,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_rank:
         print(_format_summary(summary))
     return 130 if summary.interrupted else 0
+
+
+def _data_identity(path: str | None, *, missing_ok: bool = False) -> str | None:
+    """The identity of the prepared data at ``path`` (DataError if there is none, or None with ``missing_ok``)."""
+    from relora.data import DataError, load_prepared
+
+    try:
+        return load_prepared(path).identity if path else None
+    except DataError:
+        if missing_ok:
+            return None
+        raise
 
 
 def _default_corpus(config, *, progress: bool) -> Path:
@@ -306,26 +328,34 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval / export
 def cmd_eval(args: argparse.Namespace) -> int:
     from relora.data import TokenWindows, load_prepared
-    from relora.evaluation import evaluate, perplexity
+    from relora.evaluation import check_same_tokenizer, eval_settings, evaluate, perplexity
     from relora.models import check_device
     from relora.train import autocast_for, model_from_path, pick_device
 
-    for flag in ("seq_len", "eval_tokens", "micro_batch"):
-        if getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    given = {flag: getattr(args, flag) for flag in ("seq_len", "eval_tokens", "micro_batch")}
+    for flag, value in given.items():
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    settings, run_config = eval_settings(Path(args.model), given)
     check_device(args.device)
     data = load_prepared(args.data)
+    unchecked = check_same_tokenizer(Path(args.model), data, run_config)  # a mismatch fails before loading
     device = pick_device(args.device)
     model = model_from_path(args.model).to(device)
     if model.get_input_embeddings().num_embeddings < data.vocab_size:
         raise UsageError(f"the data's vocabulary ({data.vocab_size}) is larger than the model's embedding "
                          f"({model.get_input_embeddings().num_embeddings}); evaluate on data prepared with the "
                          "model's tokenizer")
-    windows = TokenWindows(data.val, args.seq_len, mode="sequential", name="the validation split")
-    n = max(1, args.eval_tokens // args.seq_len)
-    loss = evaluate(model, windows, num_windows=n, micro_batch=args.micro_batch, device=device,
+    if unchecked:
+        logger.warning("%s", unchecked)
+    seq_len = settings["seq_len"]
+    windows = TokenWindows(data.val, seq_len, mode="sequential", name="the validation split")
+    n = max(1, settings["eval_tokens"] // seq_len)
+    loss = evaluate(model, windows, num_windows=n, micro_batch=settings["micro_batch"], device=device,
                     autocast=autocast_for(device))
-    print(f"val loss {loss:.4f}  val ppl {perplexity(loss):.2f}  ({min(n, len(windows)) * args.seq_len:,} tokens)")
+    source = "; the run's evaluation settings" if run_config and set(given.values()) == {None} else ""
+    print(f"val loss {loss:.4f}  val ppl {perplexity(loss):.2f}  ({min(n, len(windows)) * seq_len:,} tokens, "
+          f"seq-len {seq_len}{source})")
     return 0
 
 
@@ -553,12 +583,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true", default=False, help="no transformers progress bars")
     f.set_defaults(func=cmd_finetune)
 
-    e = sub.add_parser("eval", help="validation loss and perplexity of a model")
+    e = sub.add_parser("eval", help="validation loss and perplexity of a model",
+                       description="Validation loss and perplexity of a model on prepared data. A model from a "
+                                   "run (RUN/final, RUN/reference or a checkpoint) is evaluated with the run's "
+                                   "--seq-len, --eval-tokens and --micro-batch unless given, so evaluating RUN/final "
+                                   "on the run's data reproduces the val_ppl of RUN/summary.json. Data prepared with "
+                                   "another tokenizer than the model's is refused.")
     e.add_argument("--model", required=True, help="Hugging Face model directory or relora checkpoint")
     e.add_argument("--data", required=True, help="prepared data directory")
-    e.add_argument("--seq-len", type=int, default=256, help="sequence length")
-    e.add_argument("--eval-tokens", type=int, default=1_000_000, help="validation tokens to evaluate")
-    e.add_argument("--micro-batch", type=int, default=16, help="sequences per forward pass")
+    e.add_argument("--seq-len", type=int, help="sequence length (default: the run's, else 256)")
+    e.add_argument("--eval-tokens", type=int, help="validation tokens to evaluate (default: the run's, else 1,000,000)")
+    e.add_argument("--micro-batch", type=int, help="sequences per forward pass (default: the run's, else 16)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda")
     e.set_defaults(func=cmd_eval)
 

@@ -42,6 +42,7 @@ class TrainConfig:
     preset: str = "tiny"
     method: str = "relora"
     data: str | None = None  # prepared data directory; None = the default corpus, prepared into cache_dir
+    data_id: str | None = None  # set by the run: PreparedData.identity of `data`, what a resume compares
     out: str | None = None  # run directory; None = runs/<preset>-<method>-<time>
     cache_dir: str | None = None  # None = ~/.cache/relora
     model: dict = field(default_factory=dict)  # LlamaConfig architecture fields
@@ -327,6 +328,7 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
                 values["model"] = merge_model(values["model"], value)
             else:
                 values[key] = value
+    values.pop("data_id", None)  # derived by the run from its data; a run's config.yaml reused as --config has one
     config = TrainConfig(**values)
     config.validate()
     return config
@@ -342,4 +344,14 @@ def merge_model(base: dict, update: Any) -> dict:
 def incompatible_changes(saved: dict, current: dict) -> list[str]:
     """Fields that differ between a saved run config and a resume's config."""
     defaults = TrainConfig().to_dict()  # a key missing from an older run's config had its default
-    return [k for k in RESUME_INCOMPATIBLE if saved.get(k, defaults[k]) != current.get(k)]
+    return [k for k in RESUME_INCOMPATIBLE
+            if (not _same_data(saved, current) if k == "data" else saved.get(k, defaults[k]) != current.get(k))]
+
+
+def _same_data(saved: dict, current: dict) -> bool:
+    """The same dataset: equal identities when both configs have one (any path or working directory),
+    else the same resolved path (an older run's config, or a config not run yet)."""
+    if saved.get("data_id") and current.get("data_id"):
+        return saved["data_id"] == current["data_id"]
+    paths = [Path(c["data"]).expanduser().resolve() if c.get("data") else None for c in (saved, current)]
+    return paths[0] == paths[1]

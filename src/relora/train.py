@@ -19,7 +19,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,20 @@ class RunSummary:
         values = asdict(self)
         values["run_dir"] = str(self.run_dir)
         return values
+
+
+def finished_summary(run_dir: Path) -> RunSummary | None:
+    """The summary of a finished run (summary.json is written last), None if the run is not finished."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    known = {f.name for f in fields(RunSummary)}
+    try:
+        saved = json.loads(path.read_text())
+        return RunSummary(**{**{k: v for k, v in saved.items() if k in known}, "run_dir": run_dir})
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path} is damaged ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                          "the run finished: its model is in final/") from None
 
 
 @dataclass
@@ -371,6 +385,11 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         raise ConfigError(f"--method {cfg.method} needs whole gradients for its projection and does not run "
                           "under FSDP; use --distributed ddp")
     data = load_prepared(cfg.data)
+    if resume and cfg.data_id is not None and cfg.data_id != data.identity:
+        raise ConfigError(f"{cfg.data} holds other tokens than the data this run started on (prepared again?); "
+                          "pass the run's data with --data, or start a new --out")
+    # stored resolved and with its identity: a resume from another directory or by another path finds it
+    cfg = replace(cfg, data=str(data.path.resolve()), data_id=data.identity)
     train_windows = TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split")
     val_windows = TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
     order = data_order(cfg, train_windows)
@@ -522,6 +541,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                                     reduce=dist.all_reduce)
                 record = record or {"step": step, "tokens": state["tokens"]}
                 record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+                if main:  # the CLI's handler writes it above the progress bar
+                    logger.info("step %d: val loss %.4f, val ppl %.2f", step, val_loss, record["val_ppl"])
                 state["val_loss"] = val_loss
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if record is not None and main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import logging
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".py"})
 JSON_SUFFIXES = frozenset({".jsonl", ".json"})
 SUPPORTED = "/".join(sorted(TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"})) + " (text and json also as .gz)"
+_SNIFF_BYTES = 8192  # how much of an extension-less file decides whether it is plain text
 _STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
 # `name` or `owner/name`, as on the Hugging Face Hub.
 _HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -54,6 +56,32 @@ def file_kind(path: Path) -> tuple[str, bool] | None:
     if suffix in TEXT_SUFFIXES or suffix in JSON_SUFFIXES or (suffix == ".parquet" and not gz):
         return suffix, gz
     return None
+
+
+def is_plain_text(path: Path) -> bool:
+    """Whether an extension-less file (README, LICENSE, a corpus dump) reads as text: its first block
+    has no NUL byte and decodes as UTF-8 (a character cut at the block's end is allowed)."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(_SNIFF_BYTES)
+        codecs.getincrementaldecoder("utf-8")().decode(block, final=False)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\0" not in block
+
+
+def _readable(path: Path) -> bool:
+    """A file prepare reads: a supported extension, or none and plain text."""
+    return file_kind(path) is not None or (not path.suffix and is_plain_text(path))
+
+
+def _describe_skipped(files: list[Path]) -> str:
+    """'3 .png, 1 .bin, 2 without extension and not text' for a log line."""
+    counts: dict[str, int] = {}
+    for f in files:
+        key = f.suffix.lower() if f.suffix else "without extension and not text"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {key}" for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def default_corpus_files() -> list[Path]:
@@ -130,14 +158,18 @@ def resolve_inputs(inputs: Sequence[str | Path] | None, *, exclude: Path | None 
         path = Path(raw).expanduser()
         if path.is_dir():
             files = _walk(path.resolve(), exclude=exclude.resolve() if exclude else None)
-            supported = [f for f in files if file_kind(f)]
+            readable = [_readable(f) for f in files]
+            supported = [f for f, ok in zip(files, readable) if ok]
             if len(files) > len(supported):
-                logger.debug("ignoring %d files with unsupported extensions in %s", len(files) - len(supported), path)
+                skipped = [f for f, ok in zip(files, readable) if not ok]
+                logger.warning("skipping %d of %d files in %s that are neither %s nor plain text without an "
+                               "extension (%s)", len(skipped), len(files), path, SUPPORTED, _describe_skipped(skipped))
             names.append(str(path.resolve()))
             items.extend(supported)
         elif path.is_file():
-            if not file_kind(path):
-                raise DataError(f"input file {path} has an unsupported type: use one of {SUPPORTED}")
+            if not _readable(path):
+                raise DataError(f"input file {path} has an unsupported type: use one of {SUPPORTED}, "
+                                "or plain UTF-8 text without an extension")
             names.append(str(path.resolve()))
             items.append(path.resolve())
         elif isinstance(raw, str) and _HF_NAME.fullmatch(raw) and not file_kind(path):
@@ -171,7 +203,7 @@ def _open(path: Path, gz: bool) -> IO[bytes]:
 def _read_file(path: Path, text_field: str, stats: CorpusStats) -> Iterator[bytes]:
     suffix, gz = file_kind(path) or ("", False)
     try:
-        if suffix in TEXT_SUFFIXES:
+        if suffix in TEXT_SUFFIXES or not suffix:  # no extension: plain text (resolve_inputs checked)
             with _open(path, gz) as f:
                 data = f.read()
             data.decode("utf-8")  # validate only; the bytes are what we keep

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from relora.data.corpus import CorpusStats, Sources, iter_documents, resolve_inputs
 from relora import ownership
 from relora.data.errors import DataError
-from relora.data.tokenizer import batch_encoder, load_tokenizer, train_tokenizer
+from relora.data.tokenizer import batch_encoder, load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,7 @@ def _build(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **request,
         "tokenizer_training": training,
+        "tokenizer_hash": tokenizer_fingerprint(tmp / TOKENIZER_DIR),  # what `relora eval` checks a model against
         "vocab_size": vocab_size,
         "eos_id": hf_tok.eos_token_id,
         "dtype": dtype.name,
@@ -352,6 +353,21 @@ class PreparedData:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer the tokens were made with."""
         return AutoTokenizer.from_pretrained(str(self.path / TOKENIZER_DIR), local_files_only=True)
+
+    @property
+    def tokenizer_hash(self) -> str | None:
+        """`tokenizer_fingerprint` of the tokenizer: from meta.json, or computed for data prepared before it was stored."""
+        return self.meta.get("tokenizer_hash") or tokenizer_fingerprint(self.path / TOKENIZER_DIR)
+
+    @property
+    def identity(self) -> str:
+        """A short hash naming these tokens wherever the directory lies: equal identities, equal data.
+
+        Computed from meta.json's content fields (the token files' sha256, vocabulary, dtype, EOS), not
+        its path or creation time, so a run recognises its data by another path or from another directory.
+        """
+        content = {k: self.meta.get(k) for k in ("splits", "vocab_size", "dtype", "eos_id")}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_prepared(path: str | Path, *, verify: bool = False) -> PreparedData:

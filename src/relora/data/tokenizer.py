@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -89,3 +91,28 @@ def batch_encoder(tok: PreTrainedTokenizerBase) -> Callable[[list[str]], list[li
     backend.no_padding()
     backend.encode_special_tokens = True
     return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def tokenizer_fingerprint(path: Path) -> str | None:
+    """A short hash of what maps text to ids in the tokenizer saved in directory `path`; None if it holds none.
+
+    Two tokenizers with the same fingerprint give every text the same ids, so a model trained on data of
+    one can be evaluated on data of the other. Only the vocabulary, merges and added tokens count (not
+    padding, truncation or the file's formatting), so a tokenizer loaded and saved again keeps its hash.
+    """
+    file = path / "tokenizer.json"
+    if file.is_file():
+        try:
+            spec = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        model = spec.get("model") or {}
+        # tokenizers writes merges as "a b" strings or [a, b] pairs depending on its version
+        merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+        content = {"type": model.get("type"), "vocab": model.get("vocab"), "merges": merges,
+                   "added": sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])}
+    elif (path / "tokenizer_config.json").is_file():  # a slow tokenizer: its vocabulary files
+        content = {"vocab": sorted(load_tokenizer(path).get_vocab().items())}
+    else:
+        return None
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
