@@ -198,6 +198,32 @@ def test_repeated_nans_roll_back_with_a_lower_lr_or_stop(action, prepared_data, 
     assert lrs[15] == pytest.approx(clean_lrs[15])  # before the rollback point: the original LR
 
 
+def test_a_streak_of_non_finite_steps_goes_on_counting_across_a_resume(prepared_data, tmp_path, monkeypatch):
+    """Bad steps 9-12 with --max-bad-steps 3 stop the run; so they must when it resumes at step 10 in between."""
+    loss_fn = relora.train.lm_loss
+
+    def poison(bad_calls):  # 2 micro-batches a step: step index i makes calls 2i+1 and 2i+2 of a process
+        calls = [0]
+
+        def loss(model, batch):
+            calls[0] += 1
+            value = loss_fn(model, batch)
+            return value * float("nan") if calls[0] in bad_calls else value
+        return loss
+
+    settings = dict(steps=20, save_every=10, max_bad_steps=3, on_bad_steps="stop")
+    monkeypatch.setattr(relora.train, "lm_loss", poison(set(range(17, 25))))  # step indices 8-11
+    with pytest.raises(DivergedError, match="4 consecutive steps had a non-finite loss or gradient norm, up to step 11"):
+        train(run_config(prepared_data, tmp_path / "uninterrupted", **settings), progress=False)
+    # the same run up to its step-10 checkpoint (indices 8 and 9 bad), then resumed with indices 10 and 11 bad
+    monkeypatch.setattr(relora.train, "lm_loss", poison(set(range(17, 21))))
+    train(run_config(prepared_data, tmp_path / "resumed", **settings), progress=False)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_20")
+    monkeypatch.setattr(relora.train, "lm_loss", poison({1, 2, 3, 4}))  # calls of steps 10, 11 after the resume
+    with pytest.raises(DivergedError, match="4 consecutive steps had a non-finite loss or gradient norm, up to step 11"):
+        train(run_config(prepared_data, tmp_path / "resumed", **settings), resume=True, progress=False)
+
+
 def test_a_full_disk_fails_before_writing(prepared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, 1000))
     with pytest.raises(ckpt.DiskSpaceError, match="not enough disk space for a checkpoint"):

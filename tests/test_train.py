@@ -78,22 +78,27 @@ def test_ablation_switches_change_what_they_say(prepared_data, tmp_path):
 
 @pytest.mark.parametrize("resume_step", [10, 25])
 def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
-    """A run of 40 steps == the same run stopped at `resume_step` and resumed (CPU)."""
+    """A run of 40 steps == the same run stopped at `resume_step` and resumed (CPU), metrics included.
+
+    A record every 3 steps: the checkpoints at 10 and 25 fall inside a logging window, whose first
+    steps (before the resume) the next record must still average.
+    """
     full = tmp_path / "full"
-    train(run_config(prepared_data, full, save_every=5, keep_checkpoints=20), progress=False)
+    train(run_config(prepared_data, full, save_every=5, keep_checkpoints=20, log_every=3), progress=False)
     split = tmp_path / "split"
     shutil.copytree(full, split)
     shutil.rmtree(split / "final")
     for path in ckpt.list_checkpoints(split / "checkpoints"):
         if int(path.name.split("_")[1]) > resume_step:
             shutil.rmtree(path)
-    cfg = run_config(prepared_data, split, save_every=5, keep_checkpoints=20)
+    cfg = run_config(prepared_data, split, save_every=5, keep_checkpoints=20, log_every=3)
     train(cfg, resume=True, progress=False)
     a = load_file(full / "final" / "model.safetensors")
     b = load_file(split / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
     assert strip(records(full)) == strip(records(split))
+    assert [r["step"] for r in records(full)][:5] == [3, 6, 9, 12, 15]
 
 
 def test_exported_model_matches_training_model(prepared_data, tmp_path):

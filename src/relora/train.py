@@ -415,12 +415,16 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     tokens_per_step = cfg.sequences_per_step * cfg.seq_len
     rank_sequences = cfg.sequences_per_step // dist.world_size
     eval_windows = max(1, cfg.eval_tokens // cfg.seq_len)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    # the logging window and the bad-step streak are part of the checkpoint: after a resume the next record
+    # averages the same steps as in the uninterrupted run, and a streak of non-finite steps goes on counting
+    window_loss, window_steps = state.get("window_loss", 0.0), state.get("window_steps", 0)
+    timed_steps, window_start = 0, time.perf_counter()  # throughput: only the steps timed in this process
     run_start = time.perf_counter() - state["wall_s"]
     summary_notes: list[str] = []
 
     def save() -> Path:
         state["wall_s"] = time.perf_counter() - run_start
+        state.update(window_loss=window_loss, window_steps=window_steps, bad_streak=bad_streak)
         states = {"scheduler": phase.scheduler.state_dict()}
         if not dist.sharded:
             states["optimizer"] = phase.optimizer.state_dict()
@@ -436,7 +440,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
             save_dense(dense, None, run_dir / "reference")
         dist.barrier()
 
-    bad_streak = 0
+    bad_streak = state.get("bad_streak", 0)
     spikes = _SpikeWatch(relora_cfg.restart_warmup_steps if relora_cfg else 0)
     bar = _progress_bar(cfg.steps, state["step"], progress and main)
     metrics = open(metrics_path, "a") if main else contextlib.nullcontext()
@@ -493,13 +497,14 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
             spikes.observe(step, step_loss, event, phase.controller)
             window_loss += step_loss
             window_steps += 1
+            timed_steps += 1
             bar.update(1)
             record = None
             if step % cfg.log_every == 0 or step == cfg.steps or (event is not None and event.merged):
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step, "tokens": state["tokens"], "loss": window_loss / window_steps, "lr": lr,
-                    "grad_norm": grad_norm, "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                    "grad_norm": grad_norm, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                     "peak_mem_bytes": int(dist.all_reduce([peak_memory_bytes(device)], op="max")[0]),
                     "optimizer_state_bytes": state_bytes,
                     "restarts": phase.controller.restarts if phase.controller else 0,
@@ -509,7 +514,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                     "wrapped": phase.wrapped,
                 }
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_steps, timed_steps, window_start = 0.0, 0, 0, time.perf_counter()
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 val_loss = evaluate(model, val_windows, num_windows=eval_windows, micro_batch=cfg.micro_batch,
                                     device=device, autocast=autocast, rank=dist.rank, world_size=dist.world_size,
@@ -517,7 +522,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                 record = record or {"step": step, "tokens": state["tokens"]}
                 record.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
                 state["val_loss"] = val_loss
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+                timed_steps, window_start = 0, time.perf_counter()  # evaluation time is not training throughput
             if record is not None and main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
