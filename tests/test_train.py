@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import relora
 from relora import checkpoint as ckpt
+from relora.compare import ABLATION_SET, RunSpec, ablation_switches
 from relora.train import build_phase, make_model, train
 
 METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes",
@@ -65,15 +66,47 @@ def test_warm_start_is_full_rank_then_adapters(prepared_data, tmp_path):
     assert not logged[9]["wrapped"] and logged[10]["wrapped"]
 
 
-def test_ablation_switches_change_what_they_say(prepared_data, tmp_path):
-    cfg = run_config(prepared_data, tmp_path / "a", restarts=False)
-    assert cfg.relora_config().reset_every is None
-    cfg = run_config(prepared_data, tmp_path / "b", optimizer_reset=False)
-    assert cfg.relora_config().prune == "none"
-    cfg = run_config(prepared_data, tmp_path / "c", warm_start=False)
-    assert cfg.relora_phase_start == 0
-    train(run_config(prepared_data, tmp_path / "d", jagged=False), progress=False)
-    assert all(r["lr"] > 0 for r in records(tmp_path / "d")[1:])
+ABLATION_CASES = [s for s in ABLATION_SET if s.settings["method"] != "full"] + [
+    RunSpec("relora-no-restarts", {"method": "relora", "restarts": False}),  # --no-restarts alone
+    RunSpec("relora-no-optimizer-reset", {"method": "relora", "optimizer_reset": False}),
+    RunSpec("relora-no-jagged", {"method": "relora", "jagged": False}),
+]
+
+
+@pytest.mark.parametrize("spec", ABLATION_CASES, ids=lambda s: s.name)
+def test_ablation_switches_change_what_they_say(spec, prepared_data, tmp_path, monkeypatch):
+    """Each component a run is labelled with (relora compare's Table 6 columns) is there, and only those:
+    merges at the restart steps, 99% of the adapters' second moments zero after them, LR 0 right after
+    them, adapters from step 0 or after the warm start."""
+    import relora.controller
+
+    cfg = run_config(prepared_data, tmp_path, steps=24, warm_start_steps=8, reset_every=8, restart_warmup_steps=2,
+                     eval_every=0, **spec.settings)
+    on = ablation_switches(cfg)
+    zero_after_prune, prune = [], relora.controller.prune_optimizer_state
+
+    def counting_prune(optimizer, params, *args, **kwargs):  # an independent count of zeroed second moments
+        params = list(params)
+        result = prune(optimizer, params, *args, **kwargs)
+        v = torch.cat([optimizer.state[p]["exp_avg_sq"].flatten() for p in params])
+        zero_after_prune.append(float((v == 0).float().mean()))
+        return result
+
+    monkeypatch.setattr(relora.controller, "prune_optimizer_state", counting_prune)
+    summary = train(cfg, progress=False)
+    logged = {r["step"]: r for r in records(tmp_path)}
+    start = 8 if on["warm_start"] else 0
+    merged_at = [s for s in sorted(logged) if logged[s]["merges"] > logged.get(s - 1, {"merges": 0})["merges"]]
+    pruned = [z > 0.9 for z in zero_after_prune]
+    zero_lr_at = [s for s in sorted(logged) if s > 1 and logged[s]["lr"] == 0.0]  # record s: LR of step index s - 1
+    # what was seen is what the label says, component by component
+    assert (bool(merged_at), any(pruned), bool(zero_lr_at), not logged[1]["wrapped"]) == (
+        on["restarts"], on["optimizer_reset"], on["jagged"], on["warm_start"])
+    # and where: merges at the restart steps, each one pruned or none, LR 0 right after each
+    due = list(range(start + 8, 24, 8)) if on["restarts"] else []
+    assert merged_at == due and summary.merges == len(due) and logged[24]["wrapped"]
+    assert pruned == [on["optimizer_reset"]] * len(due), zero_after_prune
+    assert zero_lr_at == ([t + 1 for t in due] if on["jagged"] else [])
 
 
 @pytest.mark.parametrize("resume_step", [10, 25])
