@@ -386,3 +386,19 @@ def test_gpt2_conv1d_layers_are_quantized_trained_and_exported_as_conv1d(quant_t
         conv = exported.get_submodule(name)
         assert type(conv).__name__ == "Conv1D" and conv.weight.shape == convs[name].T.shape
         torch.testing.assert_close(conv.weight.double().T, decoded(layer) + delta64(layer), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant_type,master_weights", [("nf4", "cpu"), ("int8", None), ("int8", "cpu")])
+def test_weight_decay_scales_a_quantized_frozen_weight_exactly(quant_type, master_weights):
+    """decay_frozen_ scales the weight a quantized layer stands for (codes unchanged, scales multiplied)."""
+    model = quantized_model(quant_type, master_weights)
+    layers = adapters.lora_layers(model)
+    model(torch.randint(0, 128, (2, 8)))  # int8 layers move their scales into their state on the first forward
+    before = [decoded(layer) for layer in layers]
+    masters = [quantize.master_weight(layer.get_base_layer()) for layer in layers]
+    masters_before = [m.clone() if m is not None else None for m in masters]
+    adapters.decay_frozen_(model, 0.99)
+    for layer, weight, master, master0 in zip(layers, before, masters, masters_before):
+        torch.testing.assert_close(decoded(layer), 0.99 * weight, rtol=1e-6, atol=0)
+        if master_weights:
+            torch.testing.assert_close(master, 0.99 * master0, rtol=1e-6, atol=0)

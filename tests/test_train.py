@@ -117,14 +117,15 @@ def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
     steps (before the resume) the next record must still average.
     """
     full = tmp_path / "full"
-    train(run_config(prepared_data, full, save_every=5, keep_checkpoints=20, log_every=3), progress=False)
+    settings = dict(save_every=5, keep_checkpoints=20, log_every=3, weight_decay=0.1)  # two groups, W decayed
+    train(run_config(prepared_data, full, **settings), progress=False)
     split = tmp_path / "split"
     shutil.copytree(full, split)
     shutil.rmtree(split / "final")
     for path in ckpt.list_checkpoints(split / "checkpoints"):
         if int(path.name.split("_")[1]) > resume_step:
             shutil.rmtree(path)
-    cfg = run_config(prepared_data, split, save_every=5, keep_checkpoints=20, log_every=3)
+    cfg = run_config(prepared_data, split, **settings)
     train(cfg, resume=True, progress=False)
     a = load_file(full / "final" / "model.safetensors")
     b = load_file(split / "final" / "model.safetensors")
@@ -132,6 +133,43 @@ def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
     assert strip(records(full)) == strip(records(split))
     assert [r["step"] for r in records(full)][:5] == [3, 6, 9, 12, 15]
+
+
+def test_weight_decay_skips_norms_embeddings_and_a(prepared_data, tmp_path):
+    """Two AdamW groups: decay for the linear maps' matrices, the head and the adapters' B; none for norms,
+    embeddings and A. Checked before and after the switch to adapters."""
+    cfg = run_config(prepared_data, tmp_path, weight_decay=0.1)
+    model = make_model(cfg, 512)
+    for wrapped in (False, True):
+        if wrapped:
+            relora.wrap(model, cfg.relora_config())
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {0.1: set(), 0.0: set()}
+        for group in build_phase(cfg, model, wrapped=wrapped).optimizer.param_groups:
+            decay[group["weight_decay"]] |= {names[id(p)] for p in group["params"]}
+        plain = {n for n in names.values() if n.endswith("norm.weight") or "embed_tokens" in n or ".lora_A." in n}
+        assert decay[0.0] == plain and len(plain) == (2 * 2 + 2 + 14 * wrapped)  # 2 norms x 2 layers, final, embed
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert decay[0.1] == trainable - plain and "lm_head.weight" in decay[0.1]
+
+
+def test_weight_decay_decays_the_frozen_weight_like_adamw(prepared_data, tmp_path):
+    """LoRA from step 0 (no merges): each step scales the frozen W by (1 - lr_t wd), as AdamW would a
+    trained W; so W at the end is W at step 0 times the product over the logged LRs."""
+    cfg = run_config(prepared_data, tmp_path, method="lora", steps=12, weight_decay=0.5, save_every=0)
+    train(cfg, progress=False)
+    start = load_file(tmp_path / "reference" / "model.safetensors")  # the weights at step 0
+    end = load_file(ckpt.latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors")
+    factor = 1.0
+    for record in records(tmp_path):
+        if "loss" in record:
+            factor *= 1.0 - record["lr"] * 0.5
+    assert factor < 0.99
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w0, w1 = start[f"{name}.weight"].double(), end[f"{name}.base_layer.weight"].double()
+        torch.testing.assert_close(w1, w0 * factor, rtol=1e-5, atol=0)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(start[norm], end[norm])  # trained, not decayed: the group test checks which
 
 
 def test_exported_model_matches_training_model(prepared_data, tmp_path):

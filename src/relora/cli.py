@@ -81,6 +81,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
+    "--weight-decay": (float, "AdamW's decoupled weight decay of matrices (not of norms, biases, embeddings; "
+                              "for adapter methods of W + s B A: docs/method.md); default 0"),
     "--proj-lr": (float, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)"),
     "--proj-rank": (int, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank for the model "
                          "width, e.g. 128 at 60m, 256 at 130m-350m, width/4 otherwise; 1 for apollo-mini)"),

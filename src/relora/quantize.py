@@ -278,6 +278,23 @@ def requantize_(base: nn.Module, weight: torch.Tensor) -> None:
         holder.copy_(scales)
 
 
+@torch.no_grad()
+def scale_(base: nn.Module, factor: float) -> None:
+    """W <- factor * W in place. Codes stay; the float32 scales (NF4 block absmax, int8 row absmax) and the
+    master copy are multiplied, so the dequantized weight is scaled exactly (up to float32 rounding)."""
+    master = master_weight(base)
+    if master is not None:
+        master.mul_(factor)
+    if type(base).__name__ == "Linear4bit":
+        base.weight.quant_state.absmax.mul_(factor)
+        return
+    scales = _int8_scales(base)
+    scales[0].mul_(factor)
+    for holder in scales[1:]:  # the same row scales held twice (or the same tensor twice)
+        if holder.data_ptr() != scales[0].data_ptr():
+            holder.copy_(scales[0])
+
+
 def master_weight(base: nn.Module) -> torch.Tensor | None:
     return getattr(base, _MASTER, None)
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from relora import checkpoint as ckpt
 from relora import distributed, sharding
-from relora.adapters import unwrap, wrap
+from relora.adapters import decay_frozen_, unwrap, wrap
 from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
 from relora.distributed import Dist
@@ -42,7 +42,7 @@ from relora.models import (
     llama_config,
     load_pretrained,
 )
-from relora.optim import optimizer_state_bytes
+from relora.optim import decay_groups, optimizer_state_bytes
 from relora.run_config import ADAPTER_METHODS, PROJECTION_METHODS, TrainConfig
 from relora.schedule import jagged_cosine_scheduler
 from relora.tracking import finish_wandb, log_wandb, start_wandb
@@ -228,8 +228,8 @@ def build_phase(
 
         optimizer = build_projection_optimizer(cfg, model)
     else:
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2),
-                                      weight_decay=cfg.weight_decay)
+        groups = decay_groups(named, dict(model.named_modules()), cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2))
     for name, param in named:
         if previous and name in previous:
             optimizer.state[param] = {k: _like_param(v, param) for k, v in previous[name].items()}
@@ -477,6 +477,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
             stop_now = stops > 0
             if math.isfinite(grad_norm) and math.isfinite(step_loss):
                 phase.optimizer.step()
+                if phase.wrapped and cfg.weight_decay:  # W + s B A decays as a full-rank weight (optim.decay_groups)
+                    decay_frozen_(model, 1.0 - lr * cfg.weight_decay)
                 bad_streak = 0
             else:  # a non-finite loss or gradient: skip the update, keep the run alive
                 state["skipped_steps"] += 1
