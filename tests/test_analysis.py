@@ -148,6 +148,64 @@ def test_analyze_refuses_a_reference_of_another_shape(runs, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ compare
+PAPER_TABLE_6 = {  # the paper's Table 6 (130M): restarts, optimizer reset, jagged schedule, warm start
+    "LoRA": (False, False, False, False),
+    "+ restarts": (True, False, False, False),
+    "+ restarts + optimizer reset": (True, True, False, False),
+    "+ restarts + jagged schedule": (True, False, True, False),
+    "restarts + reset + jagged, no warm start": (True, True, True, False),
+    "warm start only": (False, False, False, True),
+    "all four (ReLoRA)": (True, True, True, True),
+    "full-rank training": None,
+}
+
+
+def test_the_ablation_set_is_the_papers_table_6(prepared_data, tmp_path):
+    """Every row, resolved as relora compare resolves it, has the components of its Table 6 row."""
+    from relora.compare import ABLATION_SET, ABLATION_SWITCHES, ablation_switches, resolve_run
+
+    assert [s.paper for s in ABLATION_SET] == list(PAPER_TABLE_6)
+    for spec in ABLATION_SET:
+        cfg = resolve_run(spec, tmp_path, preset="tiny", config_file=None, overrides={"data": str(prepared_data)})
+        on = ablation_switches(cfg)
+        assert (tuple(on[k] for k in ABLATION_SWITCHES) if on else None) == PAPER_TABLE_6[spec.paper], spec.name
+
+
+def test_a_diverged_run_is_a_row_of_the_ablation_table(prepared_data, tmp_path, monkeypatch):
+    """The paper's "+ restarts + optimizer reset" diverged: such a run is reported, not a crash of compare."""
+    import relora.compare
+    import relora.train
+
+    loss_fn = relora.train.lm_loss
+
+    def nan_without_jagged(model, batch):  # NaN from the 3rd micro-batch of that run on: after its first record
+        loss = loss_fn(model, batch)
+        calls[0] += 1
+        return loss * float("nan") if model.training and RESET_ONLY[0] and calls[0] > 2 else loss
+
+    RESET_ONLY, calls = [False], [0]
+    real_train = relora.train.train
+
+    def train(config, **kwargs):
+        RESET_ONLY[0] = Path(config.out).name == "lora-restarts-reset"
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(relora.train, "lm_loss", nan_without_jagged)
+    monkeypatch.setattr(relora.train, "train", train)
+    overrides = dict(model=TINY_MODEL, data=str(prepared_data), steps=6, warmup_steps=1, warm_start_steps=2,
+                     reset_every=2, restart_warmup_steps=1, rank=RANK, alpha=8, batch_tokens=256, micro_batch=8,
+                     seq_len=32, eval_every=0, eval_tokens=256, save_every=0, device="cpu", max_bad_steps=1,
+                     on_bad_steps="stop", log_every=1)
+    results = relora.compare.compare(sets=["ablation"], out=tmp_path / "cmp", overrides=overrides, progress=False)
+    rows = {r["name"]: r for r in results["sets"]["ablation"]["rows"]}
+    assert rows["lora-restarts-reset"]["diverged"] and rows["lora-restarts-reset"]["val_ppl"] is None
+    assert "| lora-restarts-reset | + restarts + optimizer reset | yes | yes | no | no | diverged |" in \
+        (tmp_path / "cmp" / "ablation.md").read_text()
+    assert not rows["relora"]["diverged"] and rows["relora"]["val_ppl"] > 1
+    again = relora.compare.compare(sets=["ablation"], out=tmp_path / "cmp", overrides=overrides, progress=False)
+    assert again["trained_s"] == {}  # the diverged run counts as done
+
+
 def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_data, tmp_path, capsys):
     config = tmp_path / "cmp.yaml"
     config.write_text(yaml.safe_dump(dict(
@@ -157,7 +215,7 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     out = tmp_path / "cmp"
     assert main(["compare", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results["trained_s"]) == 9  # 5 methods + 4 ablations (relora, lora, lora-ws, full shared)
+    assert len(results["trained_s"]) == 9  # 5 methods + 4 Table 6 rows (relora, lora, lora-ws, full shared)
 
     main_rows = {r["name"]: r for r in results["sets"]["main"]["rows"]}
     assert list(main_rows) == ["full", "control", "lora", "lora-ws", "relora"]
@@ -173,11 +231,12 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     assert table.count("\n") == 2 + 5 and f"| relora | {main_rows['relora']['val_ppl']:.2f} |" in table
 
     ablation = (out / "ablation.md").read_text()
-    assert "| relora-no-jagged | yes | yes | no | yes |" in ablation
-    assert "| lora | no | no | no | no |" in ablation
-    assert "| full | full-rank |" in ablation
-    ablation_cfg = yaml.safe_load((out / "runs" / "relora-no-optimizer-reset" / "config.yaml").read_text())
-    assert ablation_cfg["optimizer_reset"] is False and ablation_cfg["method"] == "relora"
+    assert "| lora-restarts | + restarts | yes | no | no | no |" in ablation
+    assert "| lora | LoRA | no | no | no | no |" in ablation
+    assert "| full | full-rank training | full-rank |" in ablation
+    ablation_cfg = yaml.safe_load((out / "runs" / "lora-restarts-reset" / "config.yaml").read_text())
+    assert (ablation_cfg["method"], ablation_cfg["optimizer_reset"], ablation_cfg["jagged"],
+            ablation_cfg["warm_start"]) == ("relora", True, False, False)
     for name in ("main-loss.png", "ablation-loss.png", "main-spectra.png", "main-below_threshold.png"):
         assert png_size(out / name)[0] > 0
 

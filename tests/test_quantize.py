@@ -22,6 +22,7 @@ from relora.cli import main
 from relora.costs import CostModel
 from relora.models import count_parameters, llama_config, load_preset
 from relora.quant_bench import measure_memory
+from relora.run_config import TrainConfig
 from relora.train import make_model, train
 
 # NF4 (QLoRA paper, Appendix E): the 16 values a 4-bit code stands for, times its block's absmax.
@@ -348,3 +349,56 @@ def test_bench_quantize_reports_each_format(tmp_path, capsys):
     assert measured["peak_mem_bytes"] > measured["frozen_bytes"] > 0
     assert main(["bench", "--preset", "tiny", "--quantize", "none,int4"]) == 2
     assert "unknown --quantize format 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_gpt2_conv1d_layers_are_quantized_trained_and_exported_as_conv1d(quant_type, prepared_data, tmp_path):
+    """GPT-2 stores its linear maps as transformers' Conv1D, weight (in, out): quantized as the map they are,
+    trained from the CLI, and exported as Conv1D again, holding the dequantized weight plus the last cycle."""
+    import transformers
+
+    torch.manual_seed(0)
+    init = AutoModelForCausalLM.from_config(transformers.GPT2Config(
+        vocab_size=600, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
+    init.save_pretrained(tmp_path / "gpt2")
+    convs = {name: m.weight.detach().double().T for name, m in init.named_modules() if type(m).__name__ == "Conv1D"}
+    wrapped = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    relora.wrap(wrapped, relora.ReLoRAConfig(r=4, reset_every=None, quantize=quant_type))
+    layers = {name: m for name, m in wrapped.named_modules() if m in adapters.lora_layers(wrapped)}
+    assert set(layers) == {n for n in convs if not n.endswith("lm_head")} and len(layers) == 8
+    for name, layer in layers.items():  # each stored weight is the map's (out, in) weight, rounded once
+        error = (decoded(layer) - convs[name]).abs()
+        assert (error <= half_step(convs[name], quant_type) * (1 + 1e-5) + 1e-12).all(), name
+
+    assert main(["train", "--init-from", str(tmp_path / "gpt2"), "--data", str(prepared_data),
+                 "--out", str(tmp_path / "run"), "--quantize", quant_type, "--steps", "6", "--reset-every", "2",
+                 "--restart-warmup-steps", "1", "--rank", "4", "--batch-tokens", "128", "--micro-batch", "2",
+                 "--seq-len", "32", "--eval-every", "0", "--eval-tokens", "64", "--save-every", "0",
+                 "--device", "cpu", "--no-progress"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert type(exported).__name__ == "GPT2LMHeadModel"
+    last = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")
+    relora.wrap(trained, TrainConfig(**ckpt.read_config(last)).relora_config())
+    ckpt.load_weights(trained, last)
+    assert max(float(layer.lora_B["default"].weight.abs().max()) for layer in adapters.lora_layers(trained)) > 0
+    for name, layer in ((n, m) for n, m in trained.named_modules() if m in adapters.lora_layers(trained)):
+        conv = exported.get_submodule(name)
+        assert type(conv).__name__ == "Conv1D" and conv.weight.shape == convs[name].T.shape
+        torch.testing.assert_close(conv.weight.double().T, decoded(layer) + delta64(layer), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant_type,master_weights", [("nf4", "cpu"), ("int8", None), ("int8", "cpu")])
+def test_weight_decay_scales_a_quantized_frozen_weight_exactly(quant_type, master_weights):
+    """decay_frozen_ scales the weight a quantized layer stands for (codes unchanged, scales multiplied)."""
+    model = quantized_model(quant_type, master_weights)
+    layers = adapters.lora_layers(model)
+    model(torch.randint(0, 128, (2, 8)))  # int8 layers move their scales into their state on the first forward
+    before = [decoded(layer) for layer in layers]
+    masters = [quantize.master_weight(layer.get_base_layer()) for layer in layers]
+    masters_before = [m.clone() if m is not None else None for m in masters]
+    adapters.decay_frozen_(model, 0.99)
+    for layer, weight, master, master0 in zip(layers, before, masters, masters_before):
+        torch.testing.assert_close(decoded(layer), 0.99 * weight, rtol=1e-6, atol=0)
+        if master_weights:
+            torch.testing.assert_close(master, 0.99 * master0, rtol=1e-6, atol=0)

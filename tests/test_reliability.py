@@ -67,13 +67,32 @@ def assert_same_weights(run, reference):
     assert all(torch.equal(got[k], expected[k]) for k in expected), "resumed weights differ from the uninterrupted run"
 
 
-def killed_and_resumed(kind, kill_at, prepared_data, tmp_path):
+def killed_and_resumed(kind, kill_at, prepared_data, tmp_path, stops=None):
+    """Run with a probe that SIGKILLs it, then resume to the end; ``stops`` gets where the kill landed."""
     out = tmp_path / f"{kind}-{kill_at}"
     proc = launch(out, prepared_data, tmp_path, probe=kind, kill_at=kill_at)
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
+    if stops is not None:
+        stops.append(stopped_at(out))
     finish(out, prepared_data, tmp_path)
     return out
+
+
+def stopped_at(out: Path) -> tuple[int, int]:
+    """Where a killed run stopped: its last logged step and the step of its newest complete checkpoint."""
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+    logged = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    saved = ckpt.latest_checkpoint(out / "checkpoints", verify=True)
+    return (logged[-1] if logged else 0, ckpt.read_trainer_state(saved)["step"] if saved else 0)
+
+
+def assert_same_records(run, reference):
+    """metrics.jsonl of a resumed run == the uninterrupted run's, timing fields aside."""
+    def read(path):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "peak_mem_bytes")}
+                for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert read(run) == read(reference)
 
 
 @pytest.mark.parametrize(("kind", "kill_at"), [
@@ -89,15 +108,21 @@ def test_sigkill_inside_a_merge_or_a_save_resumes_to_identical_weights(kind, kil
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_over_many_trials(prepared_data, reference_run, tmp_path):
-    """12 trials: inside merges, inside saves, and at random steps; every resumed run ends bit-identical."""
+    """12 trials: inside merges, inside saves, and at random steps; every resumed run ends bit-identical,
+    with the uninterrupted run's metrics. Each kill is checked to have landed where the trial says."""
     rng = random.Random(0)
     trials = [("kill_in_merge", LAYERS_PER_MERGE + rng.randint(1, LAYERS_PER_MERGE - 1)),
               ("kill_in_merge", rng.randint(1, LAYERS_PER_MERGE - 1)),
               ("kill_in_save", 1), ("kill_in_save", 4), ("kill_in_save", 8)]
-    identical = 0
-    for i, (kind, kill_at) in enumerate(trials):
-        assert_same_weights(killed_and_resumed(kind, kill_at, prepared_data, tmp_path), reference_run)
-        identical += 1
+    stops = []
+    for kind, kill_at in trials:
+        out = killed_and_resumed(kind, kill_at, prepared_data, tmp_path, stops)
+        assert_same_weights(out, reference_run)
+        assert_same_records(out, reference_run)
+    # (last logged step, newest complete checkpoint): inside the restart merges at 30 and 20 (logged after
+    # the merge, so the record before is the last), inside the saves at 5, 20 and 40 (logged before the save)
+    assert stops == [(29, 25), (19, 15), (5, 0), (20, 15), (40, 35)]
+    random_stops = []
     for i in range(7):  # at a random step of the training loop, a random moment into it
         out, target = tmp_path / f"random-{i}", rng.randint(1, SETTINGS["steps"] - 2)
         proc = launch(out, prepared_data, tmp_path)
@@ -106,10 +131,13 @@ def test_sigkill_at_random_moments_over_many_trials(prepared_data, reference_run
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
         assert proc.returncode == -signal.SIGKILL, f"trial {i}: the run ended before the kill"
+        random_stops.append(stopped_at(out))
         finish(out, prepared_data, tmp_path)
         assert_same_weights(out, reference_run)
-        identical += 1
-    assert identical == 12
+        assert_same_records(out, reference_run)
+    logged = [step for step, _ in random_stops]
+    assert len(set(logged)) >= 5 and min(logged) < 20 < max(logged), random_stops  # spread over the run
+    assert all(step < SETTINGS["steps"] for step in logged)  # killed before the end: each resume had work to do
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen) -> None:
@@ -196,6 +224,32 @@ def test_repeated_nans_roll_back_with_a_lower_lr_or_stop(action, prepared_data, 
                                                    (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines())}
     assert lrs[28] == pytest.approx(0.5 * clean_lrs[28])  # after the rollback the run continues at half the LR
     assert lrs[15] == pytest.approx(clean_lrs[15])  # before the rollback point: the original LR
+
+
+def test_a_streak_of_non_finite_steps_goes_on_counting_across_a_resume(prepared_data, tmp_path, monkeypatch):
+    """Bad steps 9-12 with --max-bad-steps 3 stop the run; so they must when it resumes at step 10 in between."""
+    loss_fn = relora.train.lm_loss
+
+    def poison(bad_calls):  # 2 micro-batches a step: step index i makes calls 2i+1 and 2i+2 of a process
+        calls = [0]
+
+        def loss(model, batch):
+            calls[0] += 1
+            value = loss_fn(model, batch)
+            return value * float("nan") if calls[0] in bad_calls else value
+        return loss
+
+    settings = dict(steps=20, save_every=10, max_bad_steps=3, on_bad_steps="stop")
+    monkeypatch.setattr(relora.train, "lm_loss", poison(set(range(17, 25))))  # step indices 8-11
+    with pytest.raises(DivergedError, match="4 consecutive steps had a non-finite loss or gradient norm, up to step 11"):
+        train(run_config(prepared_data, tmp_path / "uninterrupted", **settings), progress=False)
+    # the same run up to its step-10 checkpoint (indices 8 and 9 bad), then resumed with indices 10 and 11 bad
+    monkeypatch.setattr(relora.train, "lm_loss", poison(set(range(17, 21))))
+    train(run_config(prepared_data, tmp_path / "resumed", **settings), progress=False)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_20")
+    monkeypatch.setattr(relora.train, "lm_loss", poison({1, 2, 3, 4}))  # calls of steps 10, 11 after the resume
+    with pytest.raises(DivergedError, match="4 consecutive steps had a non-finite loss or gradient norm, up to step 11"):
+        train(run_config(prepared_data, tmp_path / "resumed", **settings), resume=True, progress=False)
 
 
 def test_a_full_disk_fails_before_writing(prepared_data, tmp_path, monkeypatch):

@@ -85,3 +85,22 @@ def test_scheduler_built_mid_run_continues_the_same_envelope():
         assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * relora.jagged_cosine(t, **kw)), t
         opt.step()
         sched.step()
+
+
+def test_a_restart_inside_the_initial_warmup_also_starts_from_zero_lr():
+    """--no-warm-start with reset_every < warmup_steps: restarts at 4 and 8 fall in a 10-step warm-up."""
+    total, warmup, rewarm, restarts = 40, 10, 2, [4, 8, 12, 16]
+
+    def plain(u):  # the schedule without restarts, written independently
+        if u < warmup:
+            return u / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (u - warmup) / (total - warmup)))
+
+    lrs = [relora.jagged_cosine(t, total_steps=total, warmup_steps=warmup, restart_steps=restarts,
+                                restart_warmup_steps=rewarm) for t in range(total)]
+    assert [t for t in range(1, total) if lrs[t] == 0.0] == restarts
+    for t in range(total):
+        tk = max((r for r in restarts if r <= t < r + rewarm), default=None)
+        expected = plain(t) if tk is None else plain(tk + rewarm) * (t - tk) / rewarm
+        assert lrs[t] == pytest.approx(expected, abs=1e-12), t
+    assert lrs[5] == pytest.approx(0.3)  # half-way back to the warm-up line's 0.6 at step 6

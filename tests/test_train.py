@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import relora
 from relora import checkpoint as ckpt
 from relora.cli import main
+from relora.compare import ABLATION_SET, RunSpec, ablation_switches
 from relora.train import build_phase, make_model, train
 
 METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes",
@@ -66,35 +67,110 @@ def test_warm_start_is_full_rank_then_adapters(prepared_data, tmp_path):
     assert not logged[9]["wrapped"] and logged[10]["wrapped"]
 
 
-def test_ablation_switches_change_what_they_say(prepared_data, tmp_path):
-    cfg = run_config(prepared_data, tmp_path / "a", restarts=False)
-    assert cfg.relora_config().reset_every is None
-    cfg = run_config(prepared_data, tmp_path / "b", optimizer_reset=False)
-    assert cfg.relora_config().prune == "none"
-    cfg = run_config(prepared_data, tmp_path / "c", warm_start=False)
-    assert cfg.relora_phase_start == 0
-    train(run_config(prepared_data, tmp_path / "d", jagged=False), progress=False)
-    assert all(r["lr"] > 0 for r in records(tmp_path / "d")[1:])
+ABLATION_CASES = [s for s in ABLATION_SET if s.settings["method"] != "full"] + [
+    RunSpec("relora-no-restarts", {"method": "relora", "restarts": False}),  # --no-restarts alone
+    RunSpec("relora-no-optimizer-reset", {"method": "relora", "optimizer_reset": False}),
+    RunSpec("relora-no-jagged", {"method": "relora", "jagged": False}),
+]
+
+
+@pytest.mark.parametrize("spec", ABLATION_CASES, ids=lambda s: s.name)
+def test_ablation_switches_change_what_they_say(spec, prepared_data, tmp_path, monkeypatch):
+    """Each component a run is labelled with (relora compare's Table 6 columns) is there, and only those:
+    merges at the restart steps, 99% of the adapters' second moments zero after them, LR 0 right after
+    them, adapters from step 0 or after the warm start."""
+    import relora.controller
+
+    cfg = run_config(prepared_data, tmp_path, steps=24, warm_start_steps=8, reset_every=8, restart_warmup_steps=2,
+                     eval_every=0, **spec.settings)
+    on = ablation_switches(cfg)
+    zero_after_prune, prune = [], relora.controller.prune_optimizer_state
+
+    def counting_prune(optimizer, params, *args, **kwargs):  # an independent count of zeroed second moments
+        params = list(params)
+        result = prune(optimizer, params, *args, **kwargs)
+        v = torch.cat([optimizer.state[p]["exp_avg_sq"].flatten() for p in params])
+        zero_after_prune.append(float((v == 0).float().mean()))
+        return result
+
+    monkeypatch.setattr(relora.controller, "prune_optimizer_state", counting_prune)
+    summary = train(cfg, progress=False)
+    logged = {r["step"]: r for r in records(tmp_path)}
+    start = 8 if on["warm_start"] else 0
+    merged_at = [s for s in sorted(logged) if logged[s]["merges"] > logged.get(s - 1, {"merges": 0})["merges"]]
+    pruned = [z > 0.9 for z in zero_after_prune]
+    zero_lr_at = [s for s in sorted(logged) if s > 1 and logged[s]["lr"] == 0.0]  # record s: LR of step index s - 1
+    # what was seen is what the label says, component by component
+    assert (bool(merged_at), any(pruned), bool(zero_lr_at), not logged[1]["wrapped"]) == (
+        on["restarts"], on["optimizer_reset"], on["jagged"], on["warm_start"])
+    # and where: merges at the restart steps, each one pruned or none, LR 0 right after each
+    due = list(range(start + 8, 24, 8)) if on["restarts"] else []
+    assert merged_at == due and summary.merges == len(due) and logged[24]["wrapped"]
+    assert pruned == [on["optimizer_reset"]] * len(due), zero_after_prune
+    assert zero_lr_at == ([t + 1 for t in due] if on["jagged"] else [])
 
 
 @pytest.mark.parametrize("resume_step", [10, 25])
 def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
-    """A run of 40 steps == the same run stopped at `resume_step` and resumed (CPU)."""
+    """A run of 40 steps == the same run stopped at `resume_step` and resumed (CPU), metrics included.
+
+    A record every 3 steps: the checkpoints at 10 and 25 fall inside a logging window, whose first
+    steps (before the resume) the next record must still average.
+    """
     full = tmp_path / "full"
-    train(run_config(prepared_data, full, save_every=5, keep_checkpoints=20), progress=False)
+    settings = dict(save_every=5, keep_checkpoints=20, log_every=3, weight_decay=0.1)  # two groups, W decayed
+    train(run_config(prepared_data, full, **settings), progress=False)
     split = tmp_path / "split"
     shutil.copytree(full, split)
     shutil.rmtree(split / "final")
     for path in ckpt.list_checkpoints(split / "checkpoints"):
         if int(path.name.split("_")[1]) > resume_step:
             shutil.rmtree(path)
-    cfg = run_config(prepared_data, split, save_every=5, keep_checkpoints=20)
+    cfg = run_config(prepared_data, split, **settings)
     train(cfg, resume=True, progress=False)
     a = load_file(full / "final" / "model.safetensors")
     b = load_file(split / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
     assert strip(records(full)) == strip(records(split))
+    assert [r["step"] for r in records(full)][:5] == [3, 6, 9, 12, 15]
+
+
+def test_weight_decay_skips_norms_embeddings_and_a(prepared_data, tmp_path):
+    """Two AdamW groups: decay for the linear maps' matrices, the head and the adapters' B; none for norms,
+    embeddings and A. Checked before and after the switch to adapters."""
+    cfg = run_config(prepared_data, tmp_path, weight_decay=0.1)
+    model = make_model(cfg, 512)
+    for wrapped in (False, True):
+        if wrapped:
+            relora.wrap(model, cfg.relora_config())
+        names = {id(p): n for n, p in model.named_parameters()}
+        decay = {0.1: set(), 0.0: set()}
+        for group in build_phase(cfg, model, wrapped=wrapped).optimizer.param_groups:
+            decay[group["weight_decay"]] |= {names[id(p)] for p in group["params"]}
+        plain = {n for n in names.values() if n.endswith("norm.weight") or "embed_tokens" in n or ".lora_A." in n}
+        assert decay[0.0] == plain and len(plain) == (2 * 2 + 2 + 14 * wrapped)  # 2 norms x 2 layers, final, embed
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert decay[0.1] == trainable - plain and "lm_head.weight" in decay[0.1]
+
+
+def test_weight_decay_decays_the_frozen_weight_like_adamw(prepared_data, tmp_path):
+    """LoRA from step 0 (no merges): each step scales the frozen W by (1 - lr_t wd), as AdamW would a
+    trained W; so W at the end is W at step 0 times the product over the logged LRs."""
+    cfg = run_config(prepared_data, tmp_path, method="lora", steps=12, weight_decay=0.5, save_every=0)
+    train(cfg, progress=False)
+    start = load_file(tmp_path / "reference" / "model.safetensors")  # the weights at step 0
+    end = load_file(ckpt.latest_checkpoint(tmp_path / "checkpoints") / "model.safetensors")
+    factor = 1.0
+    for record in records(tmp_path):
+        if "loss" in record:
+            factor *= 1.0 - record["lr"] * 0.5
+    assert factor < 0.99
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        w0, w1 = start[f"{name}.weight"].double(), end[f"{name}.base_layer.weight"].double()
+        torch.testing.assert_close(w1, w0 * factor, rtol=1e-5, atol=0)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(start[norm], end[norm])  # trained, not decayed: the group test checks which
 
 
 def test_bf16_frozen_weights_resume_bit_identical_with_their_merge_residual(prepared_data, tmp_path):

@@ -342,3 +342,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 merged = unwrap
+
+
+@torch.no_grad()
+def decay_frozen_(model: nn.Module, factor: float) -> None:
+    """W <- factor * W for every wrapped layer's frozen weight, in place: AdamW's decoupled weight decay
+    (factor = 1 - lr * weight_decay), which W, not being a parameter the optimizer steps, would never get.
+
+    Float32 weights (sharded or not) are scaled directly; quantized ones through their scales, which
+    scales the stored weight exactly (``quantize.scale_``). Weights stored in a lower precision are
+    refused: a factor this close to 1 would round away.
+    """
+    for layer in lora_layers(model):
+        base = layer.get_base_layer()
+        if quantize.is_quantized(base):
+            quantize.scale_(base, factor)
+            continue
+        weight = base_weight(layer)
+        if weight.dtype != torch.float32:
+            raise ValueError(f"weight decay of {weight.dtype} frozen weights would round away; store them in float32")
+        sharding.local(weight).mul_(factor)

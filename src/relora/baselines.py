@@ -28,6 +28,7 @@ from torch import nn
 
 from relora.adapters import find_targets
 from relora.models import ConfigError
+from relora.optim import decay_groups
 from relora.run_config import PROJECTION_METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,9 @@ def build_projection_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.opti
     settings = projection_settings(cfg, model.config.hidden_size)
     projected = [p for p in projected_parameters(model, cfg.target_modules) if p.requires_grad]
     ids = {id(p) for p in projected}
-    regular = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": regular}, {"params": projected, **settings.group()}]
+    regular = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+    groups = [*decay_groups(regular, dict(model.named_modules()), cfg.weight_decay),
+              {"params": projected, **settings.group()}]  # last: the projected matrices, decayed
     common = dict(lr=cfg.peak_lr(wrapped=False), betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     cls = optimizer_class(cfg.method)
     if cfg.method == "galore":  # GaLoreAdamW copies transformers' deprecated AdamW, warning included

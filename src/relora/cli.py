@@ -95,6 +95,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
                                         "(with --prune random: separate random masks for Adam's m and v); "
                                         "adapter methods only, see docs/method.md"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
+    "--weight-decay": (float, "AdamW's decoupled weight decay of matrices (not of norms, biases, embeddings; "
+                              "for adapter methods of W + s B A: docs/method.md); default 0"),
     "--proj-lr": (float, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)"),
     "--proj-rank": (int, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank for the model "
                          "width, e.g. 128 at 60m, 256 at 130m-350m, width/4 otherwise; 1 for apollo-mini)"),
@@ -625,8 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     c = sub.add_parser("compare", help="run the paper's methods (and Table 6 ablation) with matched budgets",
-                       description="Train full, control, lora, lora-ws, relora (main set) and ReLoRA with each "
-                                   "component switched off (ablation set) from one config, or ReLoRA with and "
+                       description="Train full, control, lora, lora-ws, relora (main set) and the rows of the paper's "
+                                   "Table 6, LoRA plus each combination of ReLoRA's components (ablation set), "
+                                   "from one config, or ReLoRA with and "
                                    "without warm start beside full, lora-ws, GaLore, APOLLO and APOLLO-mini "
                                    "(baselines set); write tables and figures. Finished runs are reused, "
                                    "unfinished ones resumed.",

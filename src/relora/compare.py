@@ -26,7 +26,7 @@ from relora.analysis import analyze_runs, write_analysis
 from relora.data import load_prepared
 from relora.models import ConfigError
 from relora.plots import plot_curves
-from relora.run_config import ADAPTER_METHODS, TrainConfig, incompatible_changes, resolve_config
+from relora.run_config import FIELD_NAMES, TrainConfig, incompatible_changes, resolve_config
 from relora.runs import read_config, read_curves, read_summary
 from relora.spectra import DEFAULT_THRESHOLD
 
@@ -41,18 +41,29 @@ class RunSpec:
 
     name: str
     settings: dict[str, Any]
+    paper: str | None = None  # the row of the paper's Table 6 this run reproduces
 
-    def switches(self) -> dict[str, bool]:
-        """Table 6's columns: which ReLoRA components this run has."""
-        method = self.settings["method"]
-        if method not in ADAPTER_METHODS:
-            return {}
-        on = {k: self.settings.get(k, True) for k in ABLATION_SWITCHES}
-        if method in ("lora", "lora-ws"):
-            on.update(restarts=False, optimizer_reset=False, jagged=False)
-        if method == "lora":
-            on["warm_start"] = False
-        return on
+
+def ablation_switches(config: TrainConfig) -> dict[str, bool]:
+    """Table 6's columns: which ReLoRA components a run of ``config`` actually has; {} if full-rank.
+
+    Read from what the trainer does, not from the switches as given: restarts
+    are merges and re-inits of the adapters; an optimizer reset is a prune of
+    their moments at those merges; a jagged schedule puts the LR at 0 there
+    and re-warms it; a warm start is full-rank training before the adapters.
+    ``--no-restarts`` thus runs (and is labelled) with no reset and no jagged
+    schedule either: there is nothing for them to act at.
+    """
+    relora_cfg = config.relora_config()
+    if relora_cfg is None:
+        return {}
+    restarts = relora_cfg.merge_every is not None
+    return {
+        "restarts": restarts,
+        "optimizer_reset": restarts and relora_cfg.prune != "none" and relora_cfg.prune_ratio > 0,
+        "jagged": restarts and config.jagged and relora_cfg.restart_warmup_steps > 0,
+        "warm_start": config.relora_phase_start > 0,
+    }
 
 
 MAIN_SET = [
@@ -62,12 +73,18 @@ MAIN_SET = [
     RunSpec("lora-ws", {"method": "lora-ws"}),
     RunSpec("relora", {"method": "relora"}),
 ]
+_NO_WARM_START = {"method": "relora", "warm_start": False}
+# The rows of the paper's Table 6 (130M), each adding components to LoRA from scratch; the paper's perplexity
+# beside them in RELORA_SPEC.md section 8 (docs/method.md quotes the table).
 ABLATION_SET = [
-    RunSpec("relora", {"method": "relora"}),
-    *[RunSpec(f"relora-no-{s.replace('_', '-')}", {"method": "relora", s: False}) for s in ABLATION_SWITCHES],
-    RunSpec("lora", {"method": "lora"}),
-    RunSpec("lora-ws", {"method": "lora-ws"}),
-    RunSpec("full", {"method": "full"}),
+    RunSpec("lora", {"method": "lora"}, "LoRA"),
+    RunSpec("lora-restarts", {**_NO_WARM_START, "optimizer_reset": False, "jagged": False}, "+ restarts"),
+    RunSpec("lora-restarts-reset", {**_NO_WARM_START, "jagged": False}, "+ restarts + optimizer reset"),
+    RunSpec("lora-restarts-jagged", {**_NO_WARM_START, "optimizer_reset": False}, "+ restarts + jagged schedule"),
+    RunSpec("relora-no-warm-start", dict(_NO_WARM_START), "restarts + reset + jagged, no warm start"),
+    RunSpec("lora-ws", {"method": "lora-ws"}, "warm start only"),
+    RunSpec("relora", {"method": "relora"}, "all four (ReLoRA)"),
+    RunSpec("full", {"method": "full"}, "full-rank training"),
 ]
 BASELINES_SET = [
     RunSpec("full", {"method": "full"}),
@@ -92,8 +109,11 @@ def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_fil
     return resolve_config(preset=preset, config_file=config_file, overrides=values)
 
 
+DIVERGED = "diverged.json"  # written into a run that stopped on non-finite losses (Table 6 has such a row)
+
+
 def run_state(config: TrainConfig) -> str:
-    """``new``, ``done`` (finished with this config) or ``partial`` (same config, not finished)."""
+    """``new``, ``done`` (finished or diverged with this config) or ``partial`` (same config, not finished)."""
     run = Path(config.out)
     if not (run / "config.yaml").is_file():
         if run.exists() and any(run.iterdir()):
@@ -104,12 +124,13 @@ def run_state(config: TrainConfig) -> str:
         raise ConfigError(
             f"{run} holds a run with a different {', '.join(changed)}; pass another --runs directory or remove it"
         )
-    return "done" if read_summary(run) is not None else "partial"
+    return "done" if read_summary(run) is not None or (run / DIVERGED).is_file() else "partial"
 
 
 def run_set(configs: list[TrainConfig], *, progress: bool = True) -> dict[str, float]:
     """Train every config not already finished (resuming partial runs); returns wall seconds per run trained."""
-    from relora.train import train
+    from relora.checkpoint import write_json_atomic
+    from relora.train import DivergedError, train
 
     trained: dict[str, float] = {}
     for i, config in enumerate(configs, 1):
@@ -119,7 +140,13 @@ def run_set(configs: list[TrainConfig], *, progress: bool = True) -> dict[str, f
             continue
         logger.info("[%d/%d] %s: %s", i, len(configs), name, "resuming" if state == "partial" else "training")
         start = time.perf_counter()
-        summary = train(config, resume=state == "partial", progress=progress)
+        try:
+            summary = train(config, resume=state == "partial", progress=progress)
+        except DivergedError as exc:  # a result, not a failure of the comparison: the paper reports one too
+            logger.warning("[%d/%d] %s: diverged (%s)", i, len(configs), name, exc)
+            write_json_atomic(Path(config.out) / DIVERGED, {"error": str(exc)})
+            trained[name] = time.perf_counter() - start
+            continue
         if summary.interrupted:
             raise KeyboardInterrupt
         trained[name] = time.perf_counter() - start
@@ -134,6 +161,8 @@ def _fmt_params(n: int) -> str:
 
 def _row_values(run: Path) -> dict[str, Any]:
     summary = read_summary(run)
+    if summary is None and (run / DIVERGED).is_file():
+        raise ConfigError(f"{run.name} diverged ({run / DIVERGED}); a method table needs every run to finish")
     if summary is None:
         raise ConfigError(f"{run} has not finished; run relora compare again to complete it")
     return summary
@@ -175,16 +204,24 @@ def comparison_table(specs: list[RunSpec], runs_dir: Path, spectra_rank: dict[st
 
 
 def ablation_table(specs: list[RunSpec], runs_dir: Path) -> tuple[str, list[dict]]:
-    """Table 6's layout: one column per ReLoRA component, then the final val ppl."""
+    """Table 6's layout: the paper's row, one column per ReLoRA component as the run had it, the final val ppl.
+
+    The components are read from the run's saved config (``ablation_switches``): a label says what ran.
+    """
     mark = {True: "yes", False: "no"}
-    lines = ["| run | restarts | optimizer reset | jagged schedule | warm start | val ppl |", "|---|---|---|---|---|---|"]
+    lines = ["| run | Table 6 row | restarts | optimizer reset | jagged schedule | warm start | val ppl |",
+             "|---|---|---|---|---|---|---|"]
     rows = []
     for spec in specs:
-        s = _row_values(runs_dir / spec.name)
-        on = spec.switches()
+        run = runs_dir / spec.name
+        diverged = (run / DIVERGED).is_file() and read_summary(run) is None
+        ppl = None if diverged else _row_values(run)["val_ppl"]
+        saved = {k: v for k, v in read_config(run).items() if k in FIELD_NAMES}
+        on = ablation_switches(TrainConfig(**saved))
         cells = [mark[on[k]] if on else "full-rank" for k in ABLATION_SWITCHES]
-        rows.append({"name": spec.name, **on, "val_ppl": s["val_ppl"]})
-        lines.append(f"| {spec.name} | {' | '.join(cells)} | {s['val_ppl']:.2f} |")
+        rows.append({"name": spec.name, "paper_row": spec.paper, **on, "val_ppl": ppl, "diverged": diverged})
+        value = "diverged" if diverged else f"{ppl:.2f}"
+        lines.append(f"| {spec.name} | {spec.paper or ''} | {' | '.join(cells)} | {value} |")
     return "\n".join(lines) + "\n", rows
 
 
@@ -231,7 +268,7 @@ def compare(
                                "elapsed_s": elapsed, "sets": {}}
     for name in sets:
         members = SETS[name]
-        curves = [read_curves(runs_dir / s.name) for s in members]
+        curves = [read_curves(runs_dir / s.name) for s in members if _has_curve(runs_dir / s.name)]
         figures = {"loss": plot_curves(curves, out / f"{name}-loss.png", title=f"{configs[0].preset}: {name} set")}
         if name in TABLE_SETS:
             adapter_runs = [s for s in members if s.name != "control"]  # control is a different shape
@@ -245,6 +282,17 @@ def compare(
         results["sets"][name] = {"table": table, "rows": rows, "figures": {k: str(v) for k, v in figures.items()}}
     _write_text(out / "results.json", json.dumps(results, indent=2, default=str))
     return results
+
+
+def _has_curve(run: Path) -> bool:
+    """Whether a run logged anything to plot: all did, but a run that diverged may have stopped before."""
+    if not (run / DIVERGED).is_file():
+        return True
+    try:
+        read_curves(run)
+    except ConfigError:
+        return False
+    return True
 
 
 def _mean(values: list[float]) -> float:

@@ -455,3 +455,27 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         return 0
 
     return sum(walk(state, 0) for state in optimizer.state.values())
+
+
+def decay_groups(named: Iterable[tuple[str, torch.Tensor]], modules: dict[str, torch.nn.Module],
+                 weight_decay: float, **group: object) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` for the matrices of linear maps, none for the rest.
+
+    Not decayed: biases and norm scales (one dimension: decaying them pulls a
+    layer's scale and offset to 0 for nothing), input and position embeddings
+    (``nn.Embedding``: a token seldom seen would only shrink; a choice, as
+    minGPT's), and the adapters' A. Decayed: every other matrix, the output
+    head (unless tied to the embedding) and the adapters' B. Decaying B and not
+    A shrinks the cycle's update s B A by exactly AdamW's factor (1 - lr wd);
+    with the frozen W decayed by the same factor (``adapters.decay_frozen_``),
+    W + s B A decays as a full-rank weight would. ``modules``: the model's
+    ``named_modules()``. Empty groups are left out; ``group`` is added to each.
+    """
+    decay, no_decay = [], []
+    for name, param in named:
+        owner = modules.get(name.rpartition(".")[0])
+        plain = param.ndim < 2 or isinstance(owner, torch.nn.Embedding) or ".lora_A." in name
+        (no_decay if plain else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, **group},
+              {"params": no_decay, "weight_decay": 0.0, **group}]
+    return [g for g in groups if g["params"]]

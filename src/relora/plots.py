@@ -6,6 +6,7 @@ figure's pixel size is known: ``size_px``), PNGs written atomically.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,7 +70,10 @@ def plot_curves(runs: list[Curves], out: Path, *, title: str | None = None) -> P
     ax_ppl.set(xlabel="step", ylabel="validation perplexity", yscale="log", title="validation perplexity")
     if runs and len(runs[0].loss) > 1:  # the first steps' loss (~ln vocab) would flatten the rest
         tail = np.concatenate([np.asarray(r.loss[len(r.loss) // 10:]) for r in runs])
-        head = max(r.loss[0] for r in runs)
+        tail = tail[np.isfinite(tail)]  # a run that diverged logged non-finite losses
+        heads = [r.loss[0] for r in runs if math.isfinite(r.loss[0])]
+    if runs and len(runs[0].loss) > 1 and len(tail) and heads:
+        head = max(heads)
         ax_loss.set_ylim(tail.min() - 0.1, min(head, tail.max() + 0.5 * (tail.max() - tail.min()) + 0.1))
     for ax in (ax_loss, ax_ppl):
         ax.grid(alpha=0.3)

@@ -145,14 +145,26 @@ def _fix_cpu_nf4_dequantize(bnb: ModuleType) -> None:
 
 
 # ---------------------------------------------------------------- building quantized layers
-def _nf4_linear(linear: nn.Linear, bnb: ModuleType) -> nn.Module:
+_CONV1D = "relora_from_conv1d"  # set on a quantized layer made from a GPT-2 Conv1D: the export turns it back
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear, or of transformers' Conv1D (GPT-2), which stores it as (in, out)."""
+    return module.weight.detach().T if _is_conv1d(module) else module.weight.detach()
+
+
+def _nf4_linear(linear: nn.Module, bnb: ModuleType) -> nn.Module:
     _fix_cpu_nf4_dequantize(bnb)
-    weight = linear.weight.detach()
+    weight = _linear_weight(linear)
     packed, state = bnb.functional.quantize_4bit(weight.float().contiguous(), blocksize=NF4_BLOCKSIZE,
                                                   compress_statistics=False, quant_type="nf4")
     # Each layer owns its code table: shared, safetensors would save it once and then refuse the load.
     state.code = state.code.clone()
-    module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, quant_type="nf4",
+    module = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=False, quant_type="nf4",
                                compress_statistics=False, compute_dtype=torch.float32, device="meta")
     module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCKSIZE,
                                       compress_statistics=False, quant_type="nf4", module=module,
@@ -176,9 +188,10 @@ def _compute_like_autocast(module: nn.Module, args: tuple) -> None:
         module.compute_dtype = torch.float32
 
 
-def _int8_linear(linear: nn.Linear, bnb: ModuleType) -> nn.Module:
-    codes, scales = _int8_rows(linear.weight.detach())
-    module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=False, has_fp16_weights=False,
+def _int8_linear(linear: nn.Module, bnb: ModuleType) -> nn.Module:
+    weight = _linear_weight(linear)
+    codes, scales = _int8_rows(weight)
+    module = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False, has_fp16_weights=False,
                                  threshold=INT8_THRESHOLD, device="meta")
     module.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
     return module
@@ -189,22 +202,28 @@ def quantize_linears(model: nn.Module, names: list[str], quant_type: str, *,
     """Replace the ``nn.Linear`` modules ``names`` of ``model`` by bitsandbytes layers storing their weights
     in ``quant_type``, quantized on the device the weights are on; biases are kept as they are.
 
-    With ``master_weights="cpu"`` the exact float32 weight is kept in CPU memory beside each layer.
+    GPT-2's ``Conv1D`` layers (a linear map with its weight stored transposed) are quantized as the
+    linear map they are; ``to_linear`` gives them back as ``Conv1D``, so an exported model loads as
+    the architecture it came from. With ``master_weights="cpu"`` the exact float32 weight is kept in
+    CPU memory beside each layer.
     """
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {', '.join(QUANT_TYPES)}; got {quant_type!r}")
     bnb = require_bitsandbytes(quant_type)
     for name in names:
         linear = model.get_submodule(name)
-        if type(linear) is not nn.Linear:
-            raise NotImplementedError(f"{name}: only nn.Linear layers can be quantized, not {type(linear).__name__}")
+        if type(linear) is not nn.Linear and not _is_conv1d(linear):
+            raise ValueError(f"{name}: only nn.Linear and GPT-2 Conv1D layers can be quantized, not "
+                             f"{type(linear).__name__}; leave it out of target_modules or train without quantize")
         with torch.no_grad():
             module = _nf4_linear(linear, bnb) if quant_type == "nf4" else _int8_linear(linear, bnb)
         module.bias = linear.bias
         module.train(linear.training)
         module.register_load_state_dict_pre_hook(_load_quant_state)
         if master_weights == "cpu":
-            setattr(module, _MASTER, linear.weight.detach().to("cpu", torch.float32, copy=True))
+            setattr(module, _MASTER, _linear_weight(linear).to("cpu", torch.float32, copy=True))
+        if _is_conv1d(linear):
+            setattr(module, _CONV1D, True)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -259,6 +278,23 @@ def requantize_(base: nn.Module, weight: torch.Tensor) -> None:
         holder.copy_(scales)
 
 
+@torch.no_grad()
+def scale_(base: nn.Module, factor: float) -> None:
+    """W <- factor * W in place. Codes stay; the float32 scales (NF4 block absmax, int8 row absmax) and the
+    master copy are multiplied, so the dequantized weight is scaled exactly (up to float32 rounding)."""
+    master = master_weight(base)
+    if master is not None:
+        master.mul_(factor)
+    if type(base).__name__ == "Linear4bit":
+        base.weight.quant_state.absmax.mul_(factor)
+        return
+    scales = _int8_scales(base)
+    scales[0].mul_(factor)
+    for holder in scales[1:]:  # the same row scales held twice (or the same tensor twice)
+        if holder.data_ptr() != scales[0].data_ptr():
+            holder.copy_(scales[0])
+
+
 def master_weight(base: nn.Module) -> torch.Tensor | None:
     return getattr(base, _MASTER, None)
 
@@ -280,8 +316,16 @@ def merge_(base: nn.Module, delta: torch.Tensor) -> None:
         requantize_(base, dequantize(base) + delta.to(base.weight.device, torch.float32))
 
 
-def to_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
-    """A plain nn.Linear holding ``weight`` (float32) and the quantized layer's bias."""
+def to_linear(base: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A plain nn.Linear holding ``weight`` (float32, (out, in)) and the quantized layer's bias; a
+    transformers Conv1D holding its transpose if the layer was made from one."""
+    if getattr(base, _CONV1D, False):
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(base.out_features, base.in_features)
+        conv.weight = nn.Parameter(weight.float().T.contiguous(), requires_grad=True)
+        conv.bias = base.bias
+        return conv
     linear = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
     linear.weight = nn.Parameter(weight.float(), requires_grad=True)
     linear.bias = base.bias

@@ -131,6 +131,11 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "warmup_steps", "warm_start_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.weight_decay and getattr(self, "frozen_dtype", "float32") != "float32":
+            raise ConfigError("weight decay of frozen weights stored in bfloat16 would round away; "
+                              "use --frozen-dtype float32 or --weight-decay 0")
         for name in ("lr", "relora_lr", "proj_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")

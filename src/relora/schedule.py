@@ -26,19 +26,25 @@ def jagged_cosine(
     exactly 0 at t_k to the envelope's value at t_k + restart_warmup_steps.
     ``restart_steps`` must be sorted. With no restarts this is the usual
     linear-warmup cosine schedule.
-    """
-    if step < warmup_steps:
-        return step / warmup_steps
 
-    def envelope(t: int) -> float:
+    A restart inside the initial warm-up (``--no-warm-start`` with
+    ``reset_every < warmup_steps``) restarts the LR at 0 too, re-warming to
+    the plain schedule's value at t_k + restart_warmup_steps (there the
+    warm-up line rather than the envelope): right after a reset the pruned
+    moments make Adam's steps large, whatever the phase of the schedule.
+    """
+
+    def plain(t: int) -> float:  # warm-up, then the cosine envelope: the schedule without restarts
+        if t < warmup_steps:
+            return t / warmup_steps
         progress = min(max(t - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     k = bisect.bisect_right(restart_steps, step) - 1
     if k >= 0 and restart_warmup_steps > 0 and step - restart_steps[k] < restart_warmup_steps:
         start = restart_steps[k]
-        return envelope(start + restart_warmup_steps) * (step - start) / restart_warmup_steps
-    return envelope(step)
+        return plain(start + restart_warmup_steps) * (step - start) / restart_warmup_steps
+    return plain(step)
 
 
 def jagged_cosine_scheduler(

@@ -28,7 +28,7 @@ from torch import nn
 
 from relora import checkpoint as ckpt
 from relora import distributed, ownership, sharding
-from relora.adapters import load_merge_residuals, merge_residuals, unwrap, wrap
+from relora.adapters import decay_frozen_, load_merge_residuals, merge_residuals, unwrap, wrap
 from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
 from relora.distributed import Dist
@@ -42,7 +42,7 @@ from relora.models import (
     llama_config,
     load_pretrained,
 )
-from relora.optim import optimizer_state_bytes
+from relora.optim import decay_groups, optimizer_state_bytes
 from relora.run_config import ADAPTER_METHODS, PROJECTION_METHODS, TrainConfig
 from relora.schedule import jagged_cosine_scheduler
 from relora.threads import apply_threads
@@ -243,8 +243,8 @@ def build_phase(
 
         optimizer = build_projection_optimizer(cfg, model)
     else:
-        optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2),
-                                      weight_decay=cfg.weight_decay)
+        groups = decay_groups(named, dict(model.named_modules()), cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2))
     for name, param in named:
         if previous and name in previous:
             optimizer.state[param] = {k: _like_param(v, param) for k, v in previous[name].items()}
@@ -440,12 +440,16 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     tokens_per_step = cfg.sequences_per_step * cfg.seq_len
     rank_sequences = cfg.sequences_per_step // dist.world_size
     eval_windows = max(1, cfg.eval_tokens // cfg.seq_len)
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    # the logging window and the bad-step streak are part of the checkpoint: after a resume the next record
+    # averages the same steps as in the uninterrupted run, and a streak of non-finite steps goes on counting
+    window_loss, window_steps = state.get("window_loss", 0.0), state.get("window_steps", 0)
+    timed_steps, window_start = 0, time.perf_counter()  # throughput: only the steps timed in this process
     run_start = time.perf_counter() - state["wall_s"]
     summary_notes: list[str] = []
 
     def save() -> Path:
         state["wall_s"] = time.perf_counter() - run_start
+        state.update(window_loss=window_loss, window_steps=window_steps, bad_streak=bad_streak)
         states = {"scheduler": phase.scheduler.state_dict()}
         if not dist.sharded:
             states["optimizer"] = phase.optimizer.state_dict()
@@ -461,7 +465,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
             save_dense(dense, None, run_dir / "reference")
         dist.barrier()
 
-    bad_streak = 0
+    bad_streak = state.get("bad_streak", 0)
     spikes = _SpikeWatch(relora_cfg.restart_warmup_steps if relora_cfg else 0)
     bar = _progress_bar(cfg.steps, state["step"], progress and main)
     metrics = open(metrics_path, "a") if main else contextlib.nullcontext()
@@ -498,6 +502,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
             stop_now = stops > 0
             if math.isfinite(grad_norm) and math.isfinite(step_loss):
                 phase.optimizer.step()
+                if phase.wrapped and cfg.weight_decay:  # W + s B A decays as a full-rank weight (optim.decay_groups)
+                    decay_frozen_(model, 1.0 - lr * cfg.weight_decay)
                 bad_streak = 0
             else:  # a non-finite loss or gradient: skip the update, keep the run alive
                 state["skipped_steps"] += 1
@@ -518,13 +524,14 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
             spikes.observe(step, step_loss, event, phase.controller)
             window_loss += step_loss
             window_steps += 1
+            timed_steps += 1
             bar.update(1)
             record = None
             if step % cfg.log_every == 0 or step == cfg.steps or (event is not None and event.merged):
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step, "tokens": state["tokens"], "loss": window_loss / window_steps, "lr": lr,
-                    "grad_norm": grad_norm, "tokens_per_s": window_steps * tokens_per_step / elapsed,
+                    "grad_norm": grad_norm, "tokens_per_s": timed_steps * tokens_per_step / elapsed,
                     "peak_mem_bytes": int(dist.all_reduce([peak_memory_bytes(device)], op="max")[0]),
                     "optimizer_state_bytes": state_bytes,
                     "restarts": phase.controller.restarts if phase.controller else 0,
@@ -534,7 +541,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                     "wrapped": phase.wrapped,
                 }
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_steps, timed_steps, window_start = 0.0, 0, 0, time.perf_counter()
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 val_loss = evaluate(model, val_windows, num_windows=eval_windows, micro_batch=cfg.micro_batch,
                                     device=device, autocast=autocast, rank=dist.rank, world_size=dist.world_size,
@@ -544,7 +551,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                 if main:  # the CLI's handler writes it above the progress bar
                     logger.info("step %d: val loss %.4f, val ppl %.2f", step, val_loss, record["val_ppl"])
                 state["val_loss"] = val_loss
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+                timed_steps, window_start = 0, time.perf_counter()  # evaluation time is not training throughput
             if record is not None and main:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
