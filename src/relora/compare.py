@@ -26,7 +26,7 @@ from relora.analysis import analyze_runs, write_analysis
 from relora.data import load_prepared
 from relora.models import ConfigError
 from relora.plots import plot_curves
-from relora.run_config import FIELD_NAMES, TrainConfig, incompatible_changes, resolve_config
+from relora.run_config import ADAPTER_METHODS, FIELD_NAMES, TrainConfig, incompatible_changes, resolve_config
 from relora.runs import read_config, read_curves, read_summary
 from relora.spectra import DEFAULT_THRESHOLD
 
