@@ -8,6 +8,7 @@ against.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -179,8 +180,9 @@ class TrainConfig:
     def _check_types(self) -> None:
         """Each field holds what its annotation says (a YAML file can hold anything)."""
         for f in fields(self):
-            value = getattr(self, f.name)
             kinds = [k.strip() for k in str(f.type).split("|")]
+            value = _numeric_from_string(getattr(self, f.name), kinds)
+            setattr(self, f.name, value)
             if not any(_is_kind(value, kind) for kind in kinds):
                 expected = " or ".join(_KIND_NAMES[kind] for kind in kinds)
                 raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
@@ -252,6 +254,24 @@ class TrainConfig:
 
 _KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                "dict": "a mapping", "list[str]": "a list of strings", "None": "null"}
+
+
+def _numeric_from_string(value: Any, kinds: list[str]) -> Any:
+    """A number written as a string, for a numeric field that takes no string; else ``value`` unchanged.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) and ``1_000e3``-like spellings as strings; a user means a number.
+    """
+    if not isinstance(value, str) or "str" in kinds or not {"int", "float"} & set(kinds):
+        return value
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return value  # not a number: _check_types names the field and what it must be
+    if not math.isfinite(number):
+        return value
+    if "float" in kinds:
+        return number
+    return int(number) if number.is_integer() else value
 
 
 def _is_kind(value: Any, kind: str) -> bool:
