@@ -8,6 +8,7 @@ against.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,6 +34,13 @@ RESUME_INCOMPATIBLE = (
     "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front",
 )
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+# Step counts that are fractions of a run: when --steps (or steps: in a config file) shortens or lengthens a
+# preset, those the user did not set themselves are scaled with it, so that `--preset tiny --steps 60` keeps
+# the preset's shape (a quarter warm start, four cycles) instead of failing on a 120-step warm start.
+SCALED_WITH_STEPS = ("warmup_steps", "warm_start_steps", "reset_every", "restart_warmup_steps", "eval_every",
+                     "save_every")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,7 +144,8 @@ class TrainConfig:
             )
         if self.method in ADAPTER_METHODS and self.relora_phase_start >= self.steps:
             raise ConfigError(
-                f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}"
+                f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}; "
+                "lower --warm-start-steps (warm_start_steps: in a config file) or raise --steps"
             )
         if self.proj_rank is not None and self.proj_rank < 1:
             raise ConfigError(f"proj_rank must be a positive integer, got {self.proj_rank!r}")
@@ -246,7 +255,10 @@ class TrainConfig:
                 master_weights=self.master_weights,
             )
         except ValueError as exc:
-            raise ConfigError(str(exc).replace("r must", "rank must")) from None
+            message = str(exc).replace("r must", "rank must")
+            if message.startswith("reset_every ("):  # the restart warm-up does not fit in a cycle
+                message += "; change --reset-every or --restart-warmup-steps"
+            raise ConfigError(message) from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -329,9 +341,34 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
                 values["model"] = merge_model(values["model"], value)
             else:
                 values[key] = value
+    steps_given = "steps" in file_values or "steps" in overrides
+    if steps_given:
+        given = set(file_values) | set(overrides)
+        scale_with_steps(values, preset_values.get("train", {}).get("steps", TrainConfig.steps),
+                         [name for name in SCALED_WITH_STEPS if name not in given])
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+def scale_with_steps(values: dict[str, Any], preset_steps: int, names: list[str]) -> None:
+    """Scale the step counts ``names`` of a preset by ``values["steps"] / preset_steps``, in place.
+
+    Rounded down (a warm start shorter than the run stays shorter), at least 1 where the preset's is positive
+    (0 keeps its meaning: "only at the end", "no warm-up").
+    """
+    steps = _numeric_from_string(values["steps"], ["int"])
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0 or steps == preset_steps:
+        return  # a bad --steps is validate()'s to report
+    changed = []
+    for name in names:
+        old = values.get(name, getattr(TrainConfig, name))
+        if isinstance(old, int) and not isinstance(old, bool) and old > 0:
+            values[name] = max(1, old * steps // preset_steps)
+            changed.append(f"{name} {old} -> {values[name]}")
+    if changed:
+        logger.info("steps %d instead of the preset's %d: scaled %s (set them to override)",
+                    steps, preset_steps, ", ".join(changed))
 
 
 def merge_model(base: dict, update: Any) -> dict:
