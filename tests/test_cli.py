@@ -138,3 +138,19 @@ def test_console_script_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "relora", "--version"], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")})
     assert result.returncode == 0 and "relora" in result.stdout
+
+
+@pytest.mark.parametrize("argv, command, close", [
+    (["train", "--rnak", "4"], "train", "--rank"),
+    (["train", "--warmstart-steps=5"], "train", "--warm-start-steps"),
+    (["eval", "--model", "m", "--data", "d", "--eval-tokns", "9"], "eval", "--eval-tokens"),
+    (["export", "a", "b", "--overwirte"], "export", "--overwrite"),
+    (["train", "--zzzzzz"], "train", None),
+])
+def test_flag_typo_prints_the_subcommands_usage_and_the_closest_flag(argv, command, close, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: relora {command} " in err and "unrecognized arguments" in err
+    assert (f"did you mean {close}?" in err) if close else ("did you mean" not in err)

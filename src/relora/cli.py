@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 a user error (one line on stderr, no traceback),
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 import time
@@ -613,8 +614,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown flag is reported by its subcommand's parser (its usage, not the top-level one)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        sub = commands[args.command]
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+        for word in unknown:
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("-") else []
+            if close:
+                message += f"; did you mean {close[0]}?"
+                break
+        sub.error(message)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         return args.func(args)
