@@ -154,3 +154,22 @@ def test_flag_typo_prints_the_subcommands_usage_and_the_closest_flag(argv, comma
     err = capsys.readouterr().err
     assert f"usage: relora {command} " in err and "unrecognized arguments" in err
     assert (f"did you mean {close}?" in err) if close else ("did you mean" not in err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "{tmp}/no-such-data"], "no-such-data does not exist"),
+    (["--data", "{tmp}"], "not a prepared dataset"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--steps", "100000"], "--sampling random"),
+])
+def test_data_and_device_errors_come_before_the_config_dump(extra, message, tiny_config, tmp_path, capsys,
+                                                           monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    assert main(train_args(tiny_config, tmp_path / "run", *extra)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()] and message in captured.err
+    assert "config:" not in captured.out + captured.err and "batch_tokens" not in captured.out + captured.err
+    assert not (tmp_path / "run").exists()

@@ -203,7 +203,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.data = str(_default_corpus(config, progress=not args.no_progress))
         config.validate()
     from relora.distributed import env_rank
+    from relora.train import check_inputs
 
+    check_inputs(config)  # a missing dataset or device is the first thing the user reads, not the config dump
     main_rank = env_rank() == 0
     if main_rank:
         print(yaml.safe_dump({"config": config.to_dict()}, sort_keys=False), end="", flush=True)
