@@ -634,6 +634,7 @@ def save_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        ckpt.apply_umask_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
