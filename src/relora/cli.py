@@ -265,8 +265,13 @@ def _format_summary(s) -> str:
     return "\n".join(lines)
 
 
+# Commands whose transformers bars ("Loading weights", "Writing model shards": one per load or save of a
+# model of a few files) say nothing to the user; finetune keeps them unless --no-progress.
+QUIET_TRANSFORMERS = ("train", "eval", "export", "analyze", "compare")
+
+
 def _quiet_transformers() -> None:
-    """--no-progress also silences transformers' own bars (``save_pretrained`` draws one per save)."""
+    """Silence transformers' own progress bars (``save_pretrained`` / ``from_pretrained`` draw one each)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -636,6 +641,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command in QUIET_TRANSFORMERS:
+        _quiet_transformers()
     try:
         return args.func(args)
     except UsageError as exc:
