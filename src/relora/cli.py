@@ -69,7 +69,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
                       "(pip install 'relora[baselines]')"),
     "--data": (str, "prepared data directory (default: the Python stdlib corpus, prepared once into the cache)"),
     "--out": (str, "run directory (default: runs/PRESET-METHOD-TIME)"),
-    "--steps": (int, "optimizer steps in total, warm start included"),
+    "--steps": (int, "optimizer steps in total, warm start included; the preset's step counts that are not "
+                     "given (warm start, restart interval, eval/save intervals) scale with it"),
     "--warm-start-steps": (int, "full-rank steps before LoRA/ReLoRA starts"),
     "--reset-every": (int, "steps between ReLoRA restarts (merge, optimizer reset, LR re-warmup)"),
     "--merge-every": (int, "steps between merges for online-relora (must divide --reset-every)"),
