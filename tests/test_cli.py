@@ -325,3 +325,66 @@ def test_resume_finds_its_data_by_identity_not_spelling(prepared_data, tmp_path,
     monkeypatch.chdir(work)
     assert resume()[0] == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["data_id"] == load_prepared(data).identity
+
+
+@pytest.mark.parametrize("argv, command, close", [
+    (["train", "--rnak", "4"], "train", "--rank"),
+    (["train", "--warmstart-steps=5"], "train", "--warm-start-steps"),
+    (["eval", "--model", "m", "--data", "d", "--eval-tokns", "9"], "eval", "--eval-tokens"),
+    (["export", "a", "b", "--overwirte"], "export", "--overwrite"),
+    (["train", "--zzzzzz"], "train", None),
+])
+def test_flag_typo_prints_the_subcommands_usage_and_the_closest_flag(argv, command, close, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: relora {command} " in err and "unrecognized arguments" in err
+    assert (f"did you mean {close}?" in err) if close else ("did you mean" not in err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "{tmp}/no-such-data"], "no-such-data does not exist"),
+    (["--data", "{tmp}"], "not a prepared dataset"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--steps", "100000"], "--sampling random"),
+])
+def test_data_and_device_errors_come_before_the_config_dump(extra, message, tiny_config, tmp_path, capsys,
+                                                           monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    assert main(train_args(tiny_config, tmp_path / "run", *extra)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()] and message in captured.err
+    assert "config:" not in captured.out + captured.err and "batch_tokens" not in captured.out + captured.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_train_export_eval_stderr_has_no_noise(tiny_config, tmp_path):
+    """What reaches a user's terminal: relora's own lines, not transformers' or bitsandbytes' internals."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src"), "OMP_NUM_THREADS": "1"}
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"{i}.txt").write_text(f"document {i}: " + "words to tokenize, and more words " * (i + 5))
+
+    def relora(*argv):
+        result = subprocess.run([sys.executable, "-m", "relora", *map(str, argv)], capture_output=True, text=True,
+                                env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    prepared = relora("prepare", corpus, "--out", tmp_path / "data", "--vocab-size", "300", "--no-progress")
+    lines = (prepared.stdout + prepared.stderr).splitlines()
+    assert len([line for line in lines if line.startswith("prepared ")]) == 1, lines
+    runs = [prepared,
+            relora("train", "--config", tiny_config, "--data", tmp_path / "data", "--out", tmp_path / "run",
+                   "--steps", "12", "--eval-every", "6", "--save-every", "6"),
+            relora("export", tmp_path / "run", tmp_path / "export"),
+            relora("eval", "--model", tmp_path / "run" / "final", "--data", tmp_path / "data", "--seq-len", "32",
+                   "--eval-tokens", "512")]
+    for result in runs:
+        for noise in ("Writing model shards", "Loading weights", "kernels", "pin_memory", "Warning", "warn"):
+            assert noise not in result.stderr, result.stderr

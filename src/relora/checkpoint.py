@@ -71,6 +71,34 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux, so no other thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes the user's umask asks for (0o777 / 0o666 minus it).
+
+    A directory made by ``tempfile.mkdtemp`` is 0o700, and safetensors writes through a private temporary
+    file (0o600): renamed into place, they would stay readable by their owner only.
+    """
+    mask = current_umask()
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """``write_text_atomic`` of ``value`` as indented JSON."""
     write_text_atomic(path, json.dumps(value, indent=2))
@@ -187,6 +215,7 @@ def save_checkpoint(
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             _fsync_tree(tmp)
             _write_json(tmp / MARKER, {"step": step, "sha256": _checksums(tmp)})
+            apply_umask_modes(tmp)
             _fsync_dir(tmp)
             _replace_dir(tmp, final)
             _fsync_dir(checkpoints_dir)

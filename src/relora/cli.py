@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 a user error (one line on stderr, no traceback),
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 import time
@@ -73,7 +74,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
                       "(pip install 'relora[baselines]')"),
     "--data": (str, "prepared data directory (default: the Python stdlib corpus, prepared once into the cache)"),
     "--out": (str, "run directory (default: runs/PRESET-METHOD-TIME)"),
-    "--steps": (int, "optimizer steps in total, warm start included"),
+    "--steps": (int, "optimizer steps in total, warm start included; the preset's step counts that are not "
+                     "given (warm start, restart interval, eval/save intervals) scale with it"),
     "--warm-start-steps": (int, "full-rank steps before LoRA/ReLoRA starts"),
     "--reset-every": (int, "steps between ReLoRA restarts (merge, optimizer reset, LR re-warmup)"),
     "--merge-every": (int, "steps between merges for online-relora (must divide --reset-every)"),
@@ -230,7 +232,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.data = str(_default_corpus(config, progress=not args.no_progress))
         config.validate()
     from relora.distributed import env_rank
+    from relora.train import check_inputs
 
+    check_inputs(config)  # a missing dataset or device is the first thing the user reads, not the config dump
     main_rank = env_rank() == 0
     if main_rank:
         print(yaml.safe_dump({"config": config.to_dict()}, sort_keys=False), end="", flush=True)
@@ -302,8 +306,13 @@ def _format_summary(s) -> str:
     return "\n".join(lines)
 
 
+# Commands whose transformers bars ("Loading weights", "Writing model shards": one per load or save of a
+# model of a few files) say nothing to the user; finetune keeps them unless --no-progress.
+QUIET_TRANSFORMERS = ("train", "eval", "export", "analyze", "compare")
+
+
 def _quiet_transformers() -> None:
-    """--no-progress also silences transformers' own bars (``save_pretrained`` draws one per save)."""
+    """Silence transformers' own progress bars (``save_pretrained`` / ``from_pretrained`` draw one each)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -676,9 +685,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown flag is reported by its subcommand's parser (its usage, not the top-level one)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        sub = commands[args.command]
+        message = f"unrecognized arguments: {' '.join(unknown)}"
+        flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+        for word in unknown:
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1) if word.startswith("-") else []
+            if close:
+                message += f"; did you mean {close[0]}?"
+                break
+        sub.error(message)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.command in QUIET_TRANSFORMERS:
+        _quiet_transformers()
     try:
         return args.func(args)
     except UsageError as exc:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -32,8 +31,8 @@ _HF_NAMES = {"config.json", "generation_config.json", "model.safetensors", "mode
 def mark(directory: Path, kind: str) -> None:
     """Record in ``directory`` that relora wrote it, with every top-level name it holds now."""
     names = sorted(p.name for p in directory.iterdir() if p.name != MARKER)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", dir=directory)
-    with os.fdopen(fd, "w") as f:
+    tmp = directory / f"{MARKER}.tmp"  # open(), not mkstemp: the file gets the user's umask, not 0o600
+    with open(tmp, "w") as f:
         json.dump({"kind": kind, "files": names}, f)
         f.flush()
         os.fsync(f.fileno())

@@ -75,6 +75,7 @@ def plot_curves(runs: list[Curves], out: Path, *, title: str | None = None) -> P
     if runs and len(runs[0].loss) > 1 and len(tail) and heads:
         head = max(heads)
         ax_loss.set_ylim(tail.min() - 0.1, min(head, tail.max() + 0.5 * (tail.max() - tail.min()) + 0.1))
+    _label_log_axis(ax_ppl)
     for ax in (ax_loss, ax_ppl):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -84,6 +85,34 @@ def plot_curves(runs: list[Curves], out: Path, *, title: str | None = None) -> P
         return _save(fig, out)
     finally:
         plt.close(fig)
+
+
+# Tick multiples per decade for a log axis, coarse to fine: the first that labels >= 4 values in the range is used.
+LOG_TICK_SUBS = ((1.0,), (1.0, 3.0), (1.0, 2.0, 5.0), (1.0, 1.5, 2.0, 3.0, 5.0, 7.0),
+                 (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0))
+
+
+def _label_log_axis(ax) -> None:
+    """Plain-number labels, at least four, on a log y axis (after its data is plotted).
+
+    matplotlib labels a log axis at powers of ten, which leaves one or two labels on a perplexity range such as
+    40-400; this takes the coarsest of LOG_TICK_SUBS that gives four, or linear steps on a very narrow range.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    if not 0 < low < high:
+        return
+    for subs in LOG_TICK_SUBS:
+        ticks = [t for t in LogLocator(subs=subs, numticks=100).tick_values(low, high) if low <= t <= high]
+        if len(ticks) >= 4:
+            break
+    else:  # less than about a third of a decade: a log axis is nearly linear there
+        ticks = [t for t in MaxNLocator(nbins=6).tick_values(low, high) if t > 0]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(low, high)
 
 
 def plot_spectra(spectra: Mapping[str, UpdateSpectra], out: Path, *, title: str | None = None) -> Path:

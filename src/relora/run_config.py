@@ -8,6 +8,8 @@ against.
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,13 @@ RESUME_INCOMPATIBLE = (
     "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front", "reference_defects",
 )
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+# Step counts that are fractions of a run: when --steps (or steps: in a config file) shortens or lengthens a
+# preset, those the user did not set themselves are scaled with it, so that `--preset tiny --steps 60` keeps
+# the preset's shape (a quarter warm start, four cycles) instead of failing on a 120-step warm start.
+SCALED_WITH_STEPS = ("warmup_steps", "warm_start_steps", "reset_every", "restart_warmup_steps", "eval_every",
+                     "save_every")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,7 +157,8 @@ class TrainConfig:
             )
         if self.method in ADAPTER_METHODS and self.relora_phase_start >= self.steps:
             raise ConfigError(
-                f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}"
+                f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}; "
+                "lower --warm-start-steps (warm_start_steps: in a config file) or raise --steps"
             )
         if self.proj_rank is not None and self.proj_rank < 1:
             raise ConfigError(f"proj_rank must be a positive integer, got {self.proj_rank!r}")
@@ -200,8 +210,9 @@ class TrainConfig:
     def _check_types(self) -> None:
         """Each field holds what its annotation says (a YAML file can hold anything)."""
         for f in fields(self):
-            value = getattr(self, f.name)
             kinds = [k.strip() for k in str(f.type).split("|")]
+            value = _numeric_from_string(getattr(self, f.name), kinds)
+            setattr(self, f.name, value)
             if not any(_is_kind(value, kind) for kind in kinds):
                 expected = " or ".join(_KIND_NAMES[kind] for kind in kinds)
                 raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
@@ -268,7 +279,10 @@ class TrainConfig:
                 reference_defects=tuple(self.reference_defects),
             )
         except ValueError as exc:
-            raise ConfigError(str(exc).replace("r must", "rank must")) from None
+            message = str(exc).replace("r must", "rank must")
+            if message.startswith("reset_every ("):  # the restart warm-up does not fit in a cycle
+                message += "; change --reset-every or --restart-warmup-steps"
+            raise ConfigError(message) from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -276,6 +290,24 @@ class TrainConfig:
 
 _KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                "dict": "a mapping", "list[str]": "a list of strings", "None": "null"}
+
+
+def _numeric_from_string(value: Any, kinds: list[str]) -> Any:
+    """A number written as a string, for a numeric field that takes no string; else ``value`` unchanged.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) and ``1_000e3``-like spellings as strings; a user means a number.
+    """
+    if not isinstance(value, str) or "str" in kinds or not {"int", "float"} & set(kinds):
+        return value
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return value  # not a number: _check_types names the field and what it must be
+    if not math.isfinite(number):
+        return value
+    if "float" in kinds:
+        return number
+    return int(number) if number.is_integer() else value
 
 
 def _is_kind(value: Any, kind: str) -> bool:
@@ -334,9 +366,34 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
             else:
                 values[key] = value
     values.pop("data_id", None)  # derived by the run from its data; a run's config.yaml reused as --config has one
+    steps_given = "steps" in file_values or "steps" in overrides
+    if steps_given:
+        given = set(file_values) | set(overrides)
+        scale_with_steps(values, preset_values.get("train", {}).get("steps", TrainConfig.steps),
+                         [name for name in SCALED_WITH_STEPS if name not in given])
     config = TrainConfig(**values)
     config.validate()
     return config
+
+
+def scale_with_steps(values: dict[str, Any], preset_steps: int, names: list[str]) -> None:
+    """Scale the step counts ``names`` of a preset by ``values["steps"] / preset_steps``, in place.
+
+    Rounded down (a warm start shorter than the run stays shorter), at least 1 where the preset's is positive
+    (0 keeps its meaning: "only at the end", "no warm-up").
+    """
+    steps = _numeric_from_string(values["steps"], ["int"])
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0 or steps == preset_steps:
+        return  # a bad --steps is validate()'s to report
+    changed = []
+    for name in names:
+        old = values.get(name, getattr(TrainConfig, name))
+        if isinstance(old, int) and not isinstance(old, bool) and old > 0:
+            values[name] = max(1, old * steps // preset_steps)
+            changed.append(f"{name} {old} -> {values[name]}")
+    if changed:
+        logger.info("steps %d instead of the preset's %d: scaled %s (set them to override)",
+                    steps, preset_steps, ", ".join(changed))
 
 
 def merge_model(base: dict, update: Any) -> dict:

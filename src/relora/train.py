@@ -336,6 +336,14 @@ def data_order(cfg: TrainConfig, windows: TokenWindows) -> np.ndarray | None:
     return np.random.default_rng(cfg.seed).permutation(len(windows))
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """Raise the errors a run would meet in its first seconds (device, data) before anything is printed or written."""
+    pick_device(cfg.device)
+    data = load_prepared(cfg.data)
+    data_order(cfg, TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split"))
+    TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
     """Run (or resume) a training run described by ``cfg`` into ``cfg.out``.
 
@@ -667,6 +675,7 @@ def save_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         ownership.mark(tmp, ownership.MODEL)
+        ckpt.apply_umask_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -110,7 +110,7 @@ def prepare(
             except OSError:
                 break
         raise
-    logger.info(
+    logger.debug(  # the caller reports it (relora prepare prints it on stdout): said once, not twice
         "prepared %s: %d train / %d val tokens, vocab %d",
         out, meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"], meta["vocab_size"],
     )
