@@ -38,7 +38,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from relora.data import load_prepared, prepare
 
     out = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  val_fraction=args.val_fraction, text_field=args.text_field, overwrite=args.overwrite,
+                  val_fraction=args.val_fraction, test_fraction=args.test_fraction, text_field=args.text_field,
+                  overwrite=args.overwrite,
                   seed=args.seed, progress=not args.no_progress)
     meta = load_prepared(out).meta
     print(f"prepared {out}: {_describe_data(meta)}")
@@ -487,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="existing tokenizer.json or tokenizer directory (default: train a BPE)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="fraction of documents held out for the test split, disjoint from validation "
+                        "(default: the validation fraction; 0: none)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSON/Parquet records")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--overwrite", action="store_true",
