@@ -82,6 +82,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--prune": (str, "optimizer reset: magnitude (default), random, full, none, independent"),
     "--prune-ratio": (float, "fraction of the adapters' Adam moments zeroed at each restart"),
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
+    "--grad-clip": (float, "clip the gradient norm at this value (default 1.0; 0: no clipping)"),
     "--proj-lr": (float, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)"),
     "--proj-rank": (int, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank for the model "
                          "width, e.g. 128 at 60m, 256 at 130m-350m, width/4 otherwise; 1 for apollo-mini)"),
@@ -249,6 +250,7 @@ def _format_summary(s) -> str:
         f"method       {s.method}",
         f"steps        {s.steps:,}   tokens {s.tokens:,}   time {s.wall_s:.0f} s",
         f"val ppl      {ppl}" + (f"   (val loss {s.val_loss:.4f})" if s.val_loss is not None else ""),
+        *([f"test ppl     {s.test_ppl:.2f}   (test loss {s.test_loss:.4f})"] if s.test_loss is not None else []),
         f"parameters   {s.trainable_params:,} trainable of {s.total_params:,}",
         f"restarts     {s.restarts}   merges {s.merges}",
         f"peak memory  {s.peak_mem_bytes / 2**20:,.0f} MiB   optimizer state {s.optimizer_state_bytes / 2**20:,.2f} MiB"
