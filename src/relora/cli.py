@@ -151,6 +151,22 @@ def _set_lr(config, lr: float | None) -> None:
             config.lr = lr
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names, e.g. full,relora."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers, e.g. 1e-3,3e-3."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1e-3,3e-3; got {text!r}") from None
+
+
 def _newest_run(preset: str, method: str) -> Path:
     runs = sorted(Path("runs").glob(f"{preset}-{method}-*"))
     runs = [r for r in runs if (r / "config.yaml").is_file()]
@@ -398,11 +414,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.compare import PAPER_SETS, compare
+    from relora.compare import PAPER_SETS, Procedure, compare
     from relora.data import prepare_default_corpus
     from relora.run_config import resolve_config
 
-    overrides = _train_overrides(args)  # no --lr: it differs per method; set lr / relora_lr in --config
+    overrides = _train_overrides(args)
+    lr, grid = overrides.pop("lr", None), getattr(args, "lr_grid", None)
+    if lr is not None and grid is not None:
+        raise UsageError("pass --lr (one LR for every method) or --lr-grid (tuned per method), not both")
+    procedure = Procedure(lr_grid=(lr,) if lr is not None else grid, seeds=getattr(args, "seeds", 1),
+                          methods=getattr(args, "methods", None), clip_rule=getattr(args, "clip_rule", "published"))
+    procedure.validate()
     base = resolve_config(config_file=args.config, overrides=overrides)  # validates before any work
     if base.data is None:
         overrides["data"] = str(prepare_default_corpus(base.cache_dir, base.vocab_size, progress=not args.no_progress))
@@ -412,7 +434,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with logging_redirect_tqdm():
         results = compare(sets=sets, out=Path(args.out), runs_dir=Path(args.runs) if args.runs else None,
                           preset=None, config_file=args.config, overrides=overrides,
-                          threshold=args.threshold, progress=not args.no_progress)
+                          threshold=args.threshold, progress=not args.no_progress, procedure=procedure)
     for name, result in results["sets"].items():
         print(f"\n{name} set:\n{result['table']}")
     print(f"trained {len(results['trained_s'])} runs in {results['elapsed_s'] / 60:.1f} min; results in {args.out}")
@@ -592,6 +614,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", default=None, help="where the run directories go (default OUT/runs)")
     c.add_argument("--config", default=None, help="YAML file of settings shared by every run")
     c.add_argument("--threshold", type=float, default=0.1, help="singular-value threshold of the spectra figure")
+    c.add_argument("--methods", type=_name_list, default=None,
+                   help="comma-separated methods to run, a subset of the set's rows, e.g. full,relora")
+    c.add_argument("--lr", type=float, help="one peak LR for every method's main phase (as relora train --lr)")
+    c.add_argument("--lr-grid", type=_float_list, default=None,
+                   help="comma-separated peak LRs tried per method at the first seed (relora_lr for adapter methods, "
+                        "the LR of galore/apollo, lr of full); the lowest final val loss is chosen")
+    c.add_argument("--seeds", type=int, default=1, help="seeds run at each method's chosen LR (default 1)")
+    c.add_argument("--clip-rule", choices=["published", "same"], default="published",
+                   help="published (default): GaLore/APOLLO unclipped as in their scripts, the others at "
+                        "--grad-clip; same: every method at --grad-clip")
     for flag, (kind, text) in TRAIN_FLAGS.items():
         if flag not in ("--out", "--method", "--init-from", "--lr", "--quantize", "--master-weights"):
             c.add_argument(flag, type=kind, help=text)
