@@ -161,22 +161,25 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
 
     main_rows = {r["name"]: r for r in results["sets"]["main"]["rows"]}
     assert list(main_rows) == ["full", "control", "lora", "lora-ws", "relora"]
+    lrs = {"full": 3e-3, "control": 3e-3}  # the configured peak LR of each method's main phase: one run, seed 0
     for name, row in main_rows.items():
-        summary = json.loads((out / "runs" / name / "summary.json").read_text())
-        assert row["val_ppl"] == summary["val_ppl"]
-        assert row["ppl_over_full"] == pytest.approx(summary["val_ppl"] / main_rows["full"]["val_ppl"])
+        run = out / "runs" / f"{name}-lr{lrs.get(name, 6e-3):g}-seed0"
+        assert results["methods"][name]["chosen_run"] == str(run)
+        summary = json.loads((run / "summary.json").read_text())
+        assert row["val_ppl"] == summary["val_ppl"] and row["test_ppl_mean"] == summary["test_ppl"]
+        assert row["ppl_over_full"] == pytest.approx(summary["test_ppl"] / main_rows["full"]["test_ppl_mean"])
     assert main_rows["relora"]["restarts"] == 1  # at step 16 (warm start 8 + 8); none at the last step
     assert main_rows["lora"]["trainable_params"] < main_rows["full"]["trainable_params"]
     assert main_rows["control"]["total_params"] < main_rows["full"]["total_params"]
     assert main_rows["lora"]["mean_rank"] <= RANK < main_rows["relora"]["mean_rank"]
-    table = (out / "main.md").read_text()
-    assert table.count("\n") == 2 + 5 and f"| relora | {main_rows['relora']['val_ppl']:.2f} |" in table
+    table = (out / "main.md").read_text().split("\n\n")[-1]  # after the fairness header
+    assert table.count("\n") == 2 + 5 and f"| relora | {RANK} | 1 | 0.006 | {main_rows['relora']['test_ppl']:.2f} (n=1) |" in table
 
     ablation = (out / "ablation.md").read_text()
-    assert "| relora-no-jagged | yes | yes | no | yes |" in ablation
+    assert "| relora-no-jagged | yes | yes | no | yes | 0.006 |" in ablation
     assert "| lora | no | no | no | no |" in ablation
     assert "| full | full-rank |" in ablation
-    ablation_cfg = yaml.safe_load((out / "runs" / "relora-no-optimizer-reset" / "config.yaml").read_text())
+    ablation_cfg = yaml.safe_load((out / "runs" / "relora-no-optimizer-reset-lr0.006-seed0" / "config.yaml").read_text())
     assert ablation_cfg["optimizer_reset"] is False and ablation_cfg["method"] == "relora"
     for name in ("main-loss.png", "ablation-loss.png", "main-spectra.png", "main-below_threshold.png"):
         assert png_size(out / name)[0] > 0
@@ -187,8 +190,8 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     assert "trained 0 runs" in capsys.readouterr().out
 
     # a runs directory that holds runs of another config is refused, not overwritten
-    before = (out / "runs" / "full" / "summary.json").read_bytes()
+    before = (out / "runs" / "full-lr0.003-seed0" / "summary.json").read_bytes()
     assert main(["compare", "--config", str(config), "--out", str(out), "--set", "main", "--steps", "30",
                  "--no-progress"]) == 2
     assert "different steps" in capsys.readouterr().err
-    assert (out / "runs" / "full" / "summary.json").read_bytes() == before
+    assert (out / "runs" / "full-lr0.003-seed0" / "summary.json").read_bytes() == before

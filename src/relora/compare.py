@@ -297,8 +297,7 @@ def fairness_header(procedure: Procedure, configs: list[TrainConfig]) -> str:
         f"Gradient clipping: {clip}.",
         f"test ppl: mean ± sample std over the seeds at the chosen LR. Significance: Welch's t-test on the seeds' "
         f"test ppl, two-sided, 'yes' when p < {SIGNIFICANCE_LEVEL}; n/a below 2 seeds.",
-        "",
-    ])
+    ]) + "\n\n"
 
 
 def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_rank: dict[str, float]
