@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default=None, help="YAML file of settings shared by every run")
     c.add_argument("--threshold", type=float, default=0.1, help="singular-value threshold of the spectra figure")
     c.add_argument("--methods", type=_name_list, default=None,
-                   help="comma-separated methods to run, a subset of the set's rows, e.g. full,relora")
+                   help="comma-separated rows to run, named as in the tables, e.g. full,relora or relora-no-jagged")
     c.add_argument("--lr", type=float, help="one peak LR for every method's main phase (as relora train --lr)")
     c.add_argument("--lr-grid", type=_float_list, default=None,
                    help="comma-separated peak LRs tried per method at the first seed (relora_lr for adapter methods, "

@@ -107,7 +107,7 @@ class Procedure:
 
     lr_grid: tuple[float, ...] | None = None
     seeds: int = 1
-    methods: tuple[str, ...] | None = None  # run only these rows' methods (None: every row of the sets)
+    methods: tuple[str, ...] | None = None  # run only the rows of these names (None: every row of the sets)
     clip_rule: str = "published"  # "same": every method clips at the config's grad_clip
 
     def validate(self) -> None:
@@ -383,10 +383,10 @@ def compare(
     out = Path(out)
     runs_dir = Path(runs_dir) if runs_dir else out / "runs"
     overrides = dict(overrides or {})
-    members = {name: [s for s in SETS[name] if procedure.methods is None or s.settings["method"] in procedure.methods]
+    members = {name: [s for s in SETS[name] if procedure.methods is None or s.name in procedure.methods]
                for name in sets}
     if procedure.methods is not None:
-        known = {s.settings["method"] for name in sets for s in SETS[name]}
+        known = {s.name for name in sets for s in SETS[name]}
         unknown = sorted(set(procedure.methods) - known)
         if unknown:
             raise ConfigError(f"--methods {', '.join(unknown)} not in the {'/'.join(sets)} set; choose from: "
