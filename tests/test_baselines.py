@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,17 +195,24 @@ def test_compare_baselines_table_has_every_method(prepared_data, tmp_path, capsy
     names = ["full", "lora-ws", "relora", "relora-no-warm-start", "galore", "apollo", "apollo-mini"]
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["sets"]["baselines"]["rows"]}
     assert list(rows) == names
-    table = (out / "baselines.md").read_text()
+    full_text = (out / "baselines.md").read_text()
+    assert "GaLore/APOLLO unclipped" in full_text
+    table = full_text.split("\n\n")[-1]
     assert "| optimizer state MB |" in table.splitlines()[0] and table.count("\n") == 2 + len(names)
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    run = {name: Path(methods[name]["chosen_run"]) for name in names}
     for name, row in rows.items():
-        summary = json.loads((out / "runs" / name / "summary.json").read_text())
+        summary = json.loads((run[name] / "summary.json").read_text())
         assert row["val_ppl"] == summary["val_ppl"] and row["ppl_over_full"] > 0
-        assert f"| {name} | {summary['val_ppl']:.2f} | " in table
+        clip = 0 if name in ("galore", "apollo", "apollo-mini") else 1  # as each method's authors published
+        assert yaml.safe_load((run[name] / "config.yaml").read_text())["grad_clip"] == clip
+        assert f"| {name} | " in table and f" | {clip} | " in table and f"{summary['test_ppl']:.2f} (n=1)" in table
         assert f" {summary['optimizer_state_bytes'] / 1e6:.2f}" in table
     assert rows["relora"]["restarts"] == 1 and rows["relora-no-warm-start"]["restarts"] == 2
-    assert yaml.safe_load((out / "runs" / "relora-no-warm-start" / "config.yaml").read_text())["warm_start"] is False
+    assert yaml.safe_load((run["relora-no-warm-start"] / "config.yaml").read_text())["warm_start"] is False
     assert rows["galore"]["trainable_params"] == rows["full"]["trainable_params"] > rows["relora"]["trainable_params"]
-    assert yaml.safe_load((out / "runs" / "apollo-mini" / "config.yaml").read_text())["proj_rank"] == 1  # not RANK
+    assert yaml.safe_load((run["apollo-mini"] / "config.yaml").read_text())["proj_rank"] == 1  # not RANK
+    assert f"| apollo-mini | 1 (projection) |" in table and f"| galore | {RANK} (projection) |" in table
     state = {name: row["optimizer_state_bytes"] for name, row in rows.items()}
     assert state["apollo-mini"] < state["apollo"] < state["full"] and state["galore"] < state["full"]
     # GaLore's update lies in one rank-8 subspace per projection period (steps 8-9, 10-19, 20-23 after the reference)

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from relora.cli import main
 
 CONTRACT = {
-    "prepare": ["--out", "--tokenizer", "--vocab-size", "--val-fraction", "--text-field", "--overwrite"],
+    "prepare": ["--out", "--tokenizer", "--vocab-size", "--val-fraction", "--test-fraction", "--text-field", "--overwrite"],
     "train": ["--config", "--preset", "--method", "--data", "--out", "--steps", "--warm-start-steps",
               "--reset-every", "--merge-every", "--restart-warmup-steps", "--rank", "--alpha", "--prune",
               "--prune-ratio", "--lr", "--batch-tokens", "--micro-batch", "--seq-len", "--eval-every",

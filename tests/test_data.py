@@ -100,12 +100,12 @@ def test_prepare_files_match_meta(prepared: Path) -> None:
     assert meta["version"] == 1
     assert meta["dtype"] == ("uint16" if meta["vocab_size"] <= 2**16 else "uint32")
     itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         data = (prepared / f"{split}.bin").read_bytes()
         assert len(data) == meta["splits"][split]["tokens"] * itemsize
         assert hashlib.sha256(data).hexdigest() == meta["splits"][split]["sha256"]
-    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == len(EXPECTED)
-    assert meta["splits"]["val"]["docs"] == round(len(EXPECTED) * 0.2)
+    assert sum(meta["splits"][s]["docs"] for s in ("train", "val", "test")) == len(EXPECTED)
+    assert meta["splits"]["val"]["docs"] == meta["splits"]["test"]["docs"] == round(len(EXPECTED) * 0.2)
     assert meta["skipped"] == {"files": 1, "records": 2, "empty_docs": 1}
     assert meta["tokenizer"] == "trained" and meta["text_field"] == "body"
     assert not list(prepared.parent.glob(".*")), "no temp dirs left behind"
@@ -117,8 +117,9 @@ def test_prepare_documents_roundtrip(prepared: Path) -> None:
     assert len(tok) == meta["vocab_size"] <= VOCAB
     assert tok.eos_token == EOS and tok.eos_token_id == meta["eos_id"]
     data = load_prepared(prepared)
-    train, val = split_docs(np.asarray(data.train), data.eos_id), split_docs(np.asarray(data.val), data.eos_id)
+    train, val, test = (split_docs(np.asarray(a), data.eos_id) for a in (data.train, data.val, data.test))
     assert len(train) == meta["splits"]["train"]["docs"] and len(val) == meta["splits"]["val"]["docs"]
+    assert len(test) == meta["splits"]["test"]["docs"] > 0
     # Tokenise each original document independently; the literal "<|endoftext|>" must stay text.
     expected = []
     for text in EXPECTED:
@@ -126,8 +127,41 @@ def test_prepare_documents_roundtrip(prepared: Path) -> None:
         assert data.eos_id not in ids
         assert tok.decode(ids) == text
         expected.append(tuple(ids))
-    assert Counter(train + val) == Counter(expected)
+    assert Counter(train + val + test) == Counter(expected)
     assert not set(train) & set(val), "a document is in both splits"
+    assert not set(test) & (set(train) | set(val)), "a test document is also in train or val"
+
+
+def test_test_split_is_whole_documents_disjoint_from_train_and_val(corpus: Path, tmp_path: Path) -> None:
+    """The three splits partition the documents; adding a test split takes it from train, not from val."""
+    kw = dict(vocab_size=VOCAB, val_fraction=0.2, text_field="body", progress=False)
+    three = load_prepared(prepare([corpus], tmp_path / "three", test_fraction=0.3, **kw))
+    two = load_prepared(prepare([corpus], tmp_path / "two", tokenizer=tmp_path / "three" / "tokenizer",
+                                test_fraction=0, **kw))
+    docs = {name: split_docs(np.asarray(getattr(three, name)), three.eos_id) for name in ("train", "val", "test")}
+    assert len(docs["test"]) == round(len(EXPECTED) * 0.3) and len(docs["val"]) == round(len(EXPECTED) * 0.2)
+    assert Counter(docs["train"] + docs["val"] + docs["test"]) == Counter(
+        split_docs(np.asarray(two.train), two.eos_id) + split_docs(np.asarray(two.val), two.eos_id))
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not set(docs[a]) & set(docs[b]), f"a document is in both {a} and {b}"
+    assert docs["val"] == split_docs(np.asarray(two.val), two.eos_id)  # same seed: same validation documents
+    assert two.test is None and not (tmp_path / "two" / "test.bin").exists()
+
+
+def test_data_without_test_split_loads_and_refuses_test_in_one_line(prepared: Path, tmp_path: Path) -> None:
+    """A directory prepared before the test split existed: train/val load, asking for test names the fix."""
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    meta = json.loads((prepared / "meta.json").read_text())
+    del meta["test_fraction"], meta["splits"]["test"]
+    (legacy / "meta.json").write_text(json.dumps(meta))
+    for name in ("train.bin", "val.bin"):
+        (legacy / name).write_bytes((prepared / name).read_bytes())
+    data = load_prepared(legacy, verify=True)
+    assert data.test is None and len(data.val) == meta["splits"]["val"]["tokens"]
+    with pytest.raises(DataError) as err:
+        data.test_split()
+    assert_one_line(err, "no test split", "relora prepare")
 
 
 def test_prepare_logs_skipped_inputs(corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -204,7 +238,7 @@ def test_prepare_large_vocab_uses_uint32(tmp_path: Path) -> None:
         (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "in" / name).write_text(text)
     tok = tmp_path / "tokenizer.json"
-    out = prepare([tmp_path / "in"], tmp_path / "ds", tokenizer=tok, val_fraction=0.5, progress=False)
+    out = prepare([tmp_path / "in"], tmp_path / "ds", tokenizer=tok, val_fraction=0.5, test_fraction=0, progress=False)
     data = load_prepared(out)
     assert data.meta["dtype"] == "uint32" and data.train.dtype == np.uint32
     eos = bare.token_to_id(EOS)
@@ -226,7 +260,7 @@ def test_prepare_hf_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert calls == [("someone/corpus", {"split": "train", "streaming": True})]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["sources"] == ["hf:someone/corpus"] and meta["skipped"]["records"] == 1
-    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == 5
+    assert sum(split["docs"] for split in meta["splits"].values()) == 5
 
     def offline(name: str, **kw: object) -> None:
         raise ConnectionError("no network\nmore detail")
@@ -280,11 +314,12 @@ def test_output_inside_input_dir_is_not_read(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 20)
-    out = prepare(["."], "prepared", vocab_size=VOCAB, val_fraction=0.5, progress=False)
+    out = prepare(["."], "prepared", vocab_size=VOCAB, val_fraction=0.5, test_fraction=0, progress=False)
     assert out == tmp_path / "prepared"
-    again = prepare([tmp_path], out, vocab_size=VOCAB, val_fraction=0.5, overwrite=True, progress=False)
+    again = prepare([tmp_path], out, vocab_size=VOCAB, val_fraction=0.5, test_fraction=0, overwrite=True,
+                    progress=False)
     meta = json.loads((again / "meta.json").read_text())
-    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == 3
+    assert sum(split["docs"] for split in meta["splits"].values()) == 3
     assert meta["skipped"] == {"files": 0, "records": 0, "empty_docs": 0}
 
 
@@ -326,6 +361,9 @@ def test_bad_inputs_raise_data_error(corpus: Path, tmp_path: Path) -> None:
     (tmp_path / "undecodable" / "b.md.gz").write_bytes(b"not gzip at all")
     (tmp_path / "single").mkdir()
     (tmp_path / "single" / "a.txt").write_text("only one document")
+    for name in ("a", "b"):
+        (tmp_path / "two" / f"{name}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "two" / f"{name}.txt").write_text(f"document {name}")
     (tmp_path / "notatokenizer.json").write_text('{"hello": 1}')
     (tmp_path / "emptytok").mkdir()
     cases = [
@@ -338,6 +376,8 @@ def test_bad_inputs_raise_data_error(corpus: Path, tmp_path: Path) -> None:
         (dict(inputs=[tmp_path / "single"]), ["only 1 document"]),
         (dict(inputs=[corpus], val_fraction=0.0), ["val_fraction"]),
         (dict(inputs=[corpus], val_fraction=0.6), ["val_fraction"]),
+        (dict(inputs=[corpus], test_fraction=-0.1), ["test_fraction"]),
+        (dict(inputs=[tmp_path / "two"]), ["only 2 documents", "--test-fraction 0"]),
         (dict(inputs=[corpus], vocab_size=200), ["vocab_size"]),
         (dict(inputs=[corpus], vocab_size=2**32 + 1), ["vocab_size"]),
         (dict(inputs=[corpus], tokenizer=tmp_path / "nope"), ["tokenizer", "does not exist"]),

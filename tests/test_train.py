@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model (RELORA_SPEC.md sections 5-7)."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -248,3 +249,51 @@ def test_reference_weights_are_saved_where_low_rank_training_starts(prepared_dat
     assert not torch.equal(warm[name], initial[name])  # lora starts from step 0
     final = load_file(tmp_path / "relora" / "final" / "model.safetensors")
     assert not torch.equal(final[name], warm[name])
+
+
+def test_final_eval_reports_val_and_test_on_fixed_windows(prepared_data, tmp_path):
+    """summary.json's val/test losses are the exported model's mean loss on the first eval windows of each split."""
+    import torch.nn.functional as F
+
+    from relora.data import TokenWindows, load_prepared
+
+    cfg = run_config(prepared_data, tmp_path / "run", method="full", steps=6, eval_every=0)
+    summary = train(cfg, progress=False)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    data = load_prepared(prepared_data)
+    n = cfg.eval_tokens // cfg.seq_len
+    for split in ("val", "test"):
+        batch = TokenWindows(getattr(data, split), cfg.seq_len, mode="sequential").get(range(n))
+        with torch.no_grad():
+            logits = model(batch[:, :-1]).logits
+        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
+        assert saved[f"{split}_loss"] == pytest.approx(expected, rel=1e-5)
+        assert saved[f"{split}_ppl"] == pytest.approx(math.exp(expected), rel=1e-5)
+    assert summary.test_loss == saved["test_loss"] != saved["val_loss"]
+
+
+def test_data_without_test_split_trains_with_no_test_loss(prepared_data, tmp_path):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(prepared_data, legacy)
+    meta = json.loads((legacy / "meta.json").read_text())
+    del meta["test_fraction"], meta["splits"]["test"]
+    (legacy / "meta.json").write_text(json.dumps(meta))
+    (legacy / "test.bin").unlink()
+    summary = train(run_config(legacy, tmp_path / "run", method="full", steps=4, eval_every=0), progress=False)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["test_loss"] is None and saved["test_ppl"] is None and summary.val_loss is not None
+
+
+def test_grad_clip_zero_means_no_clipping(prepared_data, tmp_path):
+    """0 turns clipping off (GaLore's and APOLLO's setting): the same steps as a threshold no norm reaches."""
+    runs = {clip: records_of(train(run_config(prepared_data, tmp_path / str(clip), method="full", steps=3,
+                                              eval_every=0, grad_clip=clip, log_every=1), progress=False))
+            for clip in (0.0, 1e9)}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
+    assert strip(runs[0.0]) == strip(runs[1e9])
+    assert max(r["grad_norm"] for r in runs[0.0]) > 0.1
+
+
+def records_of(summary):
+    return records(summary.run_dir)

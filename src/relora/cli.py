@@ -39,8 +39,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from relora.data import load_prepared, prepare
 
     out = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                  val_fraction=args.val_fraction, text_field=args.text_field, overwrite=args.overwrite,
-                  seed=args.seed, progress=not args.no_progress, corpus=args.corpus)
+                  val_fraction=args.val_fraction, test_fraction=args.test_fraction, text_field=args.text_field,
+                  overwrite=args.overwrite, seed=args.seed, progress=not args.no_progress, corpus=args.corpus)
     meta = load_prepared(out).meta
     print(f"prepared {out}: {_describe_data(meta)}")
     return 0
@@ -99,6 +99,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of t
     "--lr": (float, "peak learning rate of the method (for adapter methods: after the warm start)"),
     "--weight-decay": (float, "AdamW's decoupled weight decay of matrices (not of norms, biases, embeddings; "
                               "for adapter methods of W + s B A: docs/method.md); default 0"),
+    "--grad-clip": (float, "clip the gradient norm at this value (default 1.0; 0: no clipping)"),
     "--proj-lr": (float, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)"),
     "--proj-rank": (int, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank for the model "
                          "width, e.g. 128 at 60m, 256 at 130m-350m, width/4 otherwise; 1 for apollo-mini)"),
@@ -165,6 +166,22 @@ def _set_lr(config, lr: float | None) -> None:
             config.proj_lr = lr
         else:
             config.lr = lr
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names, e.g. full,relora."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers, e.g. 1e-3,3e-3."""
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1e-3,3e-3; got {text!r}") from None
 
 
 def _newest_run(preset: str, method: str) -> Path:
@@ -290,6 +307,7 @@ def _format_summary(s) -> str:
         f"method       {s.method}",
         f"steps        {s.steps:,}   tokens {s.tokens:,}   time {s.wall_s:.0f} s",
         f"val ppl      {ppl}" + (f"   (val loss {s.val_loss:.4f})" if s.val_loss is not None else ""),
+        *([f"test ppl     {s.test_ppl:.2f}   (test loss {s.test_loss:.4f})"] if s.test_loss is not None else []),
         f"parameters   {s.trainable_params:,} trainable of {s.total_params:,}",
         f"restarts     {s.restarts}   merges {s.merges}",
         f"peak memory  {s.peak_mem_bytes / 2**20:,.0f} MiB   optimizer state {s.optimizer_state_bytes / 2**20:,.2f} MiB"
@@ -450,11 +468,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.compare import PAPER_SETS, compare
+    from relora.compare import PAPER_SETS, Procedure, compare
     from relora.data import prepare_default_corpus
     from relora.run_config import resolve_config
 
-    overrides = _train_overrides(args)  # no --lr: it differs per method; set lr / relora_lr in --config
+    overrides = _train_overrides(args)
+    lr, grid = overrides.pop("lr", None), getattr(args, "lr_grid", None)
+    if lr is not None and grid is not None:
+        raise UsageError("pass --lr (one LR for every method) or --lr-grid (tuned per method), not both")
+    procedure = Procedure(lr_grid=(lr,) if lr is not None else grid, seeds=getattr(args, "seeds", 1),
+                          methods=getattr(args, "methods", None), clip_rule=getattr(args, "clip_rule", "published"))
+    procedure.validate()
     base = resolve_config(config_file=args.config, overrides=overrides)  # validates before any work
     if base.data is None:
         overrides["data"] = str(prepare_default_corpus(base.cache_dir, base.vocab_size, progress=not args.no_progress))
@@ -464,7 +488,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     with logging_redirect_tqdm():
         results = compare(sets=sets, out=Path(args.out), runs_dir=Path(args.runs) if args.runs else None,
                           preset=None, config_file=args.config, overrides=overrides,
-                          threshold=args.threshold, progress=not args.no_progress)
+                          threshold=args.threshold, progress=not args.no_progress, procedure=procedure)
     for name, result in results["sets"].items():
         print(f"\n{name} set:\n{result['table']}")
     print(f"trained {len(results['trained_s'])} runs in {results['elapsed_s'] / 60:.1f} min; results in {args.out}")
@@ -545,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="existing tokenizer.json or tokenizer directory (default: train a BPE)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="fraction of documents held out for the test split, disjoint from validation "
+                        "(default: the validation fraction; 0: none)")
     p.add_argument("--text-field", default="text", help="field holding the text in JSON/Parquet records")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--overwrite", action="store_true",
@@ -650,6 +677,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--runs", default=None, help="where the run directories go (default OUT/runs)")
     c.add_argument("--config", default=None, help="YAML file of settings shared by every run")
     c.add_argument("--threshold", type=float, default=0.1, help="singular-value threshold of the spectra figure")
+    c.add_argument("--methods", type=_name_list, default=None,
+                   help="comma-separated rows to run, named as in the tables, e.g. full,relora or relora-no-jagged")
+    c.add_argument("--lr", type=float, help="one peak LR for every method's main phase (as relora train --lr)")
+    c.add_argument("--lr-grid", type=_float_list, default=None,
+                   help="comma-separated peak LRs tried per method at the first seed (relora_lr for adapter methods, "
+                        "the LR of galore/apollo, lr of full); the lowest final val loss is chosen")
+    c.add_argument("--seeds", type=int, default=1, help="seeds run at each method's chosen LR (default 1)")
+    c.add_argument("--clip-rule", choices=["published", "same"], default="published",
+                   help="published (default): GaLore/APOLLO unclipped as in their scripts, the others at "
+                        "--grad-clip; same: every method at --grad-clip")
     for flag, (kind, text) in TRAIN_FLAGS.items():
         if flag not in ("--out", "--method", "--init-from", "--lr", "--quantize", "--master-weights"):
             c.add_argument(flag, type=kind, help=text)

@@ -148,6 +148,8 @@ class TrainConfig:
         for name in ("lr", "relora_lr", "proj_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip!r}")
         if self.batch_tokens % self.seq_len:
             raise ConfigError(f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len ({self.seq_len})")
         if self.sequences_per_step % self.micro_batch:

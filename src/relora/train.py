@@ -70,6 +70,8 @@ class RunSummary:
     tokens_per_s: float | None = None  # training throughput, evaluation and checkpointing excluded
     val_loss: float | None = None
     val_ppl: float | None = None
+    test_loss: float | None = None  # once, at the end, on the test split's fixed windows; None: the data has none
+    test_ppl: float | None = None
     skipped_steps: int = 0
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
@@ -400,6 +402,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     cfg = replace(cfg, data=str(data.path.resolve()), data_id=data.identity)
     train_windows = TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split")
     val_windows = TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
+    test_windows = None if data.test is None else TokenWindows(data.test, cfg.seq_len, mode="sequential",
+                                                               name="the test split")
     order = data_order(cfg, train_windows)
 
     reset_peak_memory(device)
@@ -503,7 +507,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                     (loss / micro_steps).backward()
                 loss_sum += loss.item()
             trainable = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = float(sharding.full(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)))
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # 0: no clipping (GaLore's, APOLLO's scripts)
+            grad_norm = float(sharding.full(torch.nn.utils.clip_grad_norm_(trainable, max_norm)))
             # one collective per step: the global mean loss, and whether any rank was asked to stop
             loss_total, stops = dist.all_reduce([loss_sum, float(stop.requested)])
             step_loss = loss_total / (micro_steps * dist.world_size)
@@ -579,6 +584,11 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
 
     interrupted = state["step"] < cfg.steps
     trainable, total = count_parameters(model)  # before export, which removes the adapters
+    test_loss = None
+    if not interrupted and test_windows is not None:  # held out from tuning: read once, after the last step
+        test_loss = evaluate(model, test_windows, num_windows=eval_windows, micro_batch=cfg.micro_batch,
+                             device=device, autocast=autocast, rank=dist.rank, world_size=dist.world_size,
+                             reduce=dist.all_reduce)
     if not interrupted:
         dense = gathered_model(cfg, model, dist, vocab_size=data.vocab_size, wrapped=phase.wrapped)
         if dense is not None:
@@ -594,6 +604,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         tokens_per_s=state["tokens"] / state["train_s"] if state.get("train_s") else None,
         val_loss=state.get("val_loss"),
         val_ppl=perplexity(state["val_loss"]) if "val_loss" in state else None,
+        test_loss=test_loss, test_ppl=perplexity(test_loss) if test_loss is not None else None,
         skipped_steps=state["skipped_steps"], interrupted=interrupted, notes=summary_notes,
     )
     if not interrupted and main:  # written last: its presence means the run finished (relora compare relies on it)

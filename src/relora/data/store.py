@@ -1,7 +1,9 @@
 """`prepare`: corpus -> tokenizer + flat token files, written atomically; `load_prepared` reads them back.
 
-A prepared directory holds `train.bin` and `val.bin` (each document's tokens followed by EOS, as uint16
-or uint32), `tokenizer/` (loadable with AutoTokenizer) and `meta.json` describing both.
+A prepared directory holds `train.bin`, `val.bin` and `test.bin` (each document's tokens followed by EOS, as
+uint16 or uint32), `tokenizer/` (loadable with AutoTokenizer) and `meta.json` describing them. Directories
+prepared before the test split existed hold no `test.bin`; they still train, and asking them for the test
+split is a DataError.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from relora.data.tokenizer import batch_encoder, load_tokenizer, tokenizer_finge
 logger = logging.getLogger(__name__)
 
 VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: held out from everything, read once per run (relora compare)
 TOKENIZER_DIR = "tokenizer"
 # BPE training on more text than this barely changes the merges but costs minutes and GBs of RAM.
 TOKENIZER_TRAIN_BYTES = 64 * 2**20
@@ -46,6 +48,7 @@ def prepare(
     tokenizer: str | Path | None = None,
     vocab_size: int = 8192,
     val_fraction: float = 0.01,
+    test_fraction: float | None = None,
     text_field: str = "text",
     overwrite: bool = False,
     num_workers: int | None = None,
@@ -56,14 +59,20 @@ def prepare(
     """Tokenize a corpus into `out` (train/val token files, tokenizer, meta.json) and return `out`.
 
     `inputs` are files, directories or Hugging Face dataset names; None or empty uses the built-in `corpus`:
-    the Python stdlib sources, or "site-packages" (the installed packages' sources, pins in meta.json). Without `tokenizer` a byte-level BPE of `vocab_size` is trained on the train documents.
-    A `val_fraction` of whole documents, chosen by `seed`, is held out. `num_workers` caps the threads of
+    the Python stdlib sources, or "site-packages" (the installed packages' sources, pins in meta.json).
+    Without `tokenizer` a byte-level BPE of `vocab_size` is trained on the train documents.
+    A `val_fraction` of whole documents, chosen by `seed`, is held out for validation and a disjoint
+    `test_fraction` (default: equal to `val_fraction`; 0: no test split) for the test split. `num_workers` caps the threads of
     tokenizers' Rust pool (via RAYON_NUM_THREADS, which only takes effect before that pool first starts
     in this process, as in the CLI); None uses all cores. The output appears atomically; a matching
     existing output is returned untouched.
     """
     if not 0 < val_fraction <= 0.5:
         raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction}: pass e.g. --val-fraction 0.01")
+    if test_fraction is None:
+        test_fraction = val_fraction
+    if not 0 <= test_fraction <= 0.5:
+        raise DataError(f"test_fraction must be in [0, 0.5], got {test_fraction}: pass e.g. --test-fraction 0.01")
     if not 257 <= vocab_size <= 2**32:
         raise DataError(
             f"vocab_size must be between 257 (256 bytes + EOS) and 2**32, got {vocab_size}: pass e.g. --vocab-size 8192"
@@ -86,6 +95,7 @@ def prepare(
         "requested_vocab_size": None if tok_path else vocab_size,
         "text_field": text_field,
         "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
         "seed": seed,
     }
     if _reuse_existing(out, request, overwrite, [Path(n) for n in sources.names if Path(n).is_absolute()]):
@@ -111,8 +121,8 @@ def prepare(
                 break
         raise
     logger.debug(  # the caller reports it (relora prepare prints it on stdout): said once, not twice
-        "prepared %s: %d train / %d val tokens, vocab %d",
-        out, meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"], meta["vocab_size"],
+        "prepared %s: %s tokens, vocab %d",
+        out, " / ".join(f"{info['tokens']} {split}" for split, info in meta["splits"].items()), meta["vocab_size"],
     )
     return out
 
@@ -146,7 +156,7 @@ def _build(
     hf_tok: PreTrainedTokenizerBase | None,
     progress: bool,
 ) -> dict[str, Any]:
-    """Write tokenizer/, train.bin and val.bin into `tmp`; return the meta.json content."""
+    """Write tokenizer/, train.bin, val.bin and test.bin into `tmp`; return the meta.json content."""
     text_field = request["text_field"]
     stats = CorpusStats()
     spool = _Spool(tmp / "documents.spool")
@@ -162,11 +172,11 @@ def _build(
     if n_docs < 2:
         raise DataError("the corpus has only 1 document, but train and validation need one each: add documents")
     logger.info("read %d documents (%.1f MB)", n_docs, spool.nbytes / 1e6)
-    is_val = _choose_val(n_docs, request["val_fraction"], request["seed"])
+    split_of = _choose_splits(n_docs, request["val_fraction"], request["test_fraction"], request["seed"])
 
     training = None
     if hf_tok is None:
-        train_texts, training = spool.texts_up_to(~is_val, TOKENIZER_TRAIN_BYTES)
+        train_texts, training = spool.texts_up_to(split_of == 0, TOKENIZER_TRAIN_BYTES)
         logger.info(
             "training a byte-level BPE tokenizer (vocab %d) on %d documents (%.1f MB%s)",
             request["requested_vocab_size"], training["docs"], training["bytes"] / 1e6,
@@ -179,7 +189,8 @@ def _build(
     # Normally len(tokenizer); the max id guards against tokenizers whose ids have gaps.
     vocab_size = max(len(hf_tok), max(hf_tok.get_vocab().values()) + 1)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-    splits = _write_tokens(tmp, spool, is_val, batch_encoder(hf_tok), hf_tok.eos_token_id, dtype, progress)
+    names = SPLITS if request["test_fraction"] > 0 else SPLITS[:2]
+    splits = _write_tokens(tmp, spool, split_of, names, batch_encoder(hf_tok), hf_tok.eos_token_id, dtype, progress)
     spool.path.unlink()
     return {
         "version": VERSION,
@@ -196,13 +207,23 @@ def _build(
     }
 
 
-def _choose_val(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out documents: the round(n*fraction) (at least 1, at most n-1) lowest random keys."""
+def _choose_splits(n_docs: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Each document's split as an index into SPLITS (0 train, 1 val, 2 test), whole documents only.
+
+    Validation gets the round(n*val_fraction) (at least 1) documents with the lowest random keys, test the
+    round(n*test_fraction) (at least 1 unless the fraction is 0) next ones, so adding a test split leaves
+    the validation documents of an older prepare with the same seed unchanged. Train keeps at least one.
+    """
     n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction)))
-    keys = np.random.default_rng(seed).random(n_docs)
-    is_val = np.zeros(n_docs, dtype=bool)
-    is_val[np.argsort(keys, kind="stable")[:n_val]] = True
-    return is_val
+    n_test = min(n_docs - 1 - n_val, max(1, round(n_docs * test_fraction))) if test_fraction > 0 else 0
+    if test_fraction > 0 and n_test < 1:
+        raise DataError(f"the corpus has only {n_docs} documents, too few for train, validation and test splits: "
+                        "add documents or pass --test-fraction 0")
+    order = np.argsort(np.random.default_rng(seed).random(n_docs), kind="stable")
+    split_of = np.zeros(n_docs, dtype=np.int8)
+    split_of[order[:n_val]] = 1
+    split_of[order[n_val:n_val + n_test]] = 2
+    return split_of
 
 
 class _Spool:
@@ -256,23 +277,24 @@ class _Spool:
 def _write_tokens(
     tmp: Path,
     spool: _Spool,
-    is_val: np.ndarray,
+    split_of: np.ndarray,
+    names: Sequence[str],
     encode: Callable[[list[str]], list[list[int]]],
     eos_id: int,
     dtype: np.dtype,
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
     """Encode documents batch by batch, appending each one's tokens + EOS to its split's .bin file."""
-    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}
-    hashes = {s: hashlib.sha256() for s in SPLITS}
-    counts = {s: {"docs": 0, "tokens": 0} for s in SPLITS}
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in names}
+    hashes = {s: hashlib.sha256() for s in names}
+    counts = {s: {"docs": 0, "tokens": 0} for s in names}
 
     def flush(batch: list[tuple[int, bytes]]) -> None:
         ids = encode([data.decode("utf-8") for _, data in batch])
-        for split in SPLITS:
+        for split in names:
             flat: list[int] = []
             for (i, _), doc in zip(batch, ids):
-                if is_val[i] == (split == "val"):
+                if SPLITS[split_of[i]] == split:
                     flat.extend(doc)
                     flat.append(eos_id)
                     counts[split]["docs"] += 1
@@ -297,7 +319,7 @@ def _write_tokens(
     finally:
         for f in files.values():
             f.close()
-    return {s: {**counts[s], "sha256": hashes[s].hexdigest()} for s in SPLITS}
+    return {s: {**counts[s], "sha256": hashes[s].hexdigest()} for s in names}
 
 
 def _fsync_tree(root: Path) -> None:
@@ -341,6 +363,7 @@ class PreparedData:
     meta: dict[str, Any]
     train: np.memmap
     val: np.memmap
+    test: np.memmap | None = None  # None: prepared without a test split (before it existed, or --test-fraction 0)
 
     @property
     def vocab_size(self) -> int:
@@ -349,6 +372,13 @@ class PreparedData:
     @property
     def eos_id(self) -> int:
         return self.meta["eos_id"]
+
+    def test_split(self) -> np.memmap:
+        """The test split's tokens; DataError (naming the fix) when this directory has none."""
+        if self.test is None:
+            raise DataError(f"{self.path} has no test split (prepared before relora wrote one, or with "
+                            "--test-fraction 0): run `relora prepare` on the corpus again into a new --out to evaluate on test")
+        return self.test
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer the tokens were made with."""
@@ -394,6 +424,9 @@ def load_prepared(path: str | Path, *, verify: bool = False) -> PreparedData:
     dtype = np.dtype(meta["dtype"])
     arrays = {}
     for split in SPLITS:
+        if split == "test" and "test" not in meta["splits"]:
+            arrays[split] = None
+            continue
         file, info = path / f"{split}.bin", meta["splits"][split]
         size = file.stat().st_size if file.is_file() else None
         if size != info["tokens"] * dtype.itemsize:
@@ -404,7 +437,7 @@ def load_prepared(path: str | Path, *, verify: bool = False) -> PreparedData:
         if verify and _sha256(file) != info["sha256"]:
             raise DataError(f"{file} does not match its sha256 in meta.json: re-run relora prepare with --overwrite")
         arrays[split] = np.memmap(file, dtype=dtype, mode="r")
-    return PreparedData(path, meta, arrays["train"], arrays["val"])
+    return PreparedData(path, meta, arrays["train"], arrays["val"], arrays["test"])
 
 
 def _sha256(file: Path) -> str:
@@ -423,7 +456,8 @@ def default_data_dir(cache_dir: str | Path | None, vocab_size: int) -> Path:
     import sys
 
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "relora"
-    return cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-bpe{vocab_size}"
+    # "-test": prepared with a test split; the caches of older versions (without one) stay as they were
+    return cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-bpe{vocab_size}-test"
 
 
 def prepare_default_corpus(cache_dir: str | Path | None, vocab_size: int, *, progress: bool = True) -> Path:
