@@ -187,7 +187,7 @@ def test_a_diverged_run_is_a_row_of_the_ablation_table(prepared_data, tmp_path, 
     real_train = relora.train.train
 
     def train(config, **kwargs):
-        RESET_ONLY[0] = Path(config.out).name == "lora-restarts-reset"
+        RESET_ONLY[0] = Path(config.out).name.startswith("lora-restarts-reset-lr")  # NAME-lrLR-seedS
         return real_train(config, **kwargs)
 
     monkeypatch.setattr(relora.train, "lm_loss", nan_without_jagged)

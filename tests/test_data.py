@@ -194,10 +194,11 @@ def test_prepare_reads_extensionless_text_and_says_what_it_skips(
     assert "1 .png" in warnings[0] and "2 without extension and not text" in warnings[0], warnings
     data = load_prepared(out)
     tok = data.tokenizer()
-    docs = split_docs(np.asarray(data.train), data.eos_id) + split_docs(np.asarray(data.val), data.eos_id)
+    docs = [d for split in (data.train, data.val, data.test_split()) for d in split_docs(np.asarray(split), data.eos_id)]
     assert Counter(tok.decode(d) for d in docs) == Counter(texts.values())
     # an extension-less text file named alone is accepted too; a binary one is refused
-    alone = prepare([corpus / "README", corpus / "LICENSE"], tmp_path / "alone", vocab_size=VOCAB, progress=False)
+    alone = prepare([corpus / "README", corpus / "LICENSE"], tmp_path / "alone", vocab_size=VOCAB, test_fraction=0,
+                    progress=False)
     assert load_prepared(alone).meta["splits"]["train"]["docs"] == 1
     with pytest.raises(DataError) as err:
         prepare([corpus / "nul"], tmp_path / "bad", vocab_size=VOCAB, progress=False)
@@ -584,6 +585,6 @@ def test_prepare_site_packages_records_the_pins(tmp_path: Path, monkeypatch: pyt
     meta = json.loads((out / "meta.json").read_text())
     assert meta["corpus_pins"] == corpus_module.site_packages_pins()
     assert meta["sources"][0].startswith("python-site-packages")
-    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == len(some)
+    assert sum(split["docs"] for split in meta["splits"].values()) == len(some)
     with pytest.raises(DataError, match="either input paths or --corpus"):
         prepare([tmp_path], tmp_path / "sp2", corpus="site-packages", progress=False)
