@@ -342,8 +342,16 @@ def check_inputs(cfg: TrainConfig) -> None:
     """Raise the errors a run would meet in its first seconds (device, data) before anything is printed or written."""
     pick_device(cfg.device)
     data = load_prepared(cfg.data)
+    _check_data_identity(cfg, data)
     data_order(cfg, TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split"))
     TokenWindows(data.val, cfg.seq_len, mode="sequential", name="the validation split")
+
+
+def _check_data_identity(cfg: TrainConfig, data) -> None:
+    """A resumed run (its config has a ``data_id``) must find the tokens it started on, wherever they are now."""
+    if cfg.data_id is not None and cfg.data_id != data.identity:
+        raise ConfigError(f"{cfg.data} holds other tokens than the data this run started on (prepared again?); "
+                          "pass the run's data with --data, or start a new --out")
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> RunSummary:
@@ -395,9 +403,8 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         raise ConfigError(f"--method {cfg.method} needs whole gradients for its projection and does not run "
                           "under FSDP; use --distributed ddp")
     data = load_prepared(cfg.data)
-    if resume and cfg.data_id is not None and cfg.data_id != data.identity:
-        raise ConfigError(f"{cfg.data} holds other tokens than the data this run started on (prepared again?); "
-                          "pass the run's data with --data, or start a new --out")
+    if resume:
+        _check_data_identity(cfg, data)
     # stored resolved and with its identity: a resume from another directory or by another path finds it
     cfg = replace(cfg, data=str(data.path.resolve()), data_id=data.identity)
     train_windows = TokenWindows(data.train, cfg.seq_len, mode=cfg.sampling, seed=cfg.seed, name="the train split")
