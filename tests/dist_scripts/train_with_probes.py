@@ -28,8 +28,8 @@ probe = os.environ["PROBE"]
 if probe == "checksums":
     merge = relora.controller.merge_and_reinit
 
-    def merge_and_checksum(model, seed):
-        merged = merge(model, seed)
+    def merge_and_checksum(model, seed, **kwargs):
+        merged = merge(model, seed, **kwargs)
         digest = hashlib.sha256()
         for name, tensor in model.state_dict().items():
             digest.update(name.encode())
