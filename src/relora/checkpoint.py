@@ -33,6 +33,8 @@ import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from relora.fileio import fsync_dir as _fsync_dir
+from relora.fileio import swap_dir
 from relora.quantize import load_master_state, master_state
 
 logger = logging.getLogger(__name__)
@@ -42,14 +44,6 @@ MASTER_WEIGHTS = "master_weights.safetensors"
 MERGE_RESIDUALS = "merge_residuals.safetensors"
 SHARDED_DIR = "dcp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -217,7 +211,7 @@ def save_checkpoint(
             _write_json(tmp / MARKER, {"step": step, "sha256": _checksums(tmp)})
             apply_umask_modes(tmp)
             _fsync_dir(tmp)
-            _replace_dir(tmp, final)
+            swap_dir(tmp, final)
             _fsync_dir(checkpoints_dir)
     except BaseException:
         if main:
@@ -229,18 +223,6 @@ def save_checkpoint(
     if dist is not None:
         dist.barrier()  # nobody reads or prunes checkpoints while rank 0 is still renaming
     return final
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Rename ``new`` to ``final``; an existing ``final`` (a re-save of the same step) is moved aside
-    first and deleted last, so a crash at any point leaves a complete checkpoint under one of the names."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale_temporaries(checkpoints_dir: Path) -> None:

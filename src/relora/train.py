@@ -32,6 +32,7 @@ from relora.adapters import decay_frozen_, load_merge_residuals, merge_residuals
 from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
 from relora.distributed import Dist
+from relora.fileio import swap_dir
 from relora.evaluation import evaluate, lm_loss, perplexity
 from relora.models import (
     ConfigError,
@@ -694,9 +695,7 @@ def save_dense(model: nn.Module, tokenizer: object | None, out: Path) -> Path:
             tokenizer.save_pretrained(tmp)
         ownership.mark(tmp, ownership.MODEL)
         ckpt.apply_umask_modes(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        swap_dir(tmp, out)  # the old copy goes only once the new one is in: never neither
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,10 +26,12 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from relora.data.corpus import CorpusStats, Sources, iter_documents, resolve_inputs
 from relora import ownership
+from relora.data.corpus import CorpusStats, Sources, iter_documents, resolve_inputs
 from relora.data.errors import DataError
 from relora.data.tokenizer import batch_encoder, load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from relora.fileio import fsync_dir as _fsync_dir
+from relora.fileio import swap_dir
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def prepare(
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         ownership.mark(tmp, ownership.PREPARED)
         _fsync_tree(tmp)
-        _move_into_place(tmp, out)
+        swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for d in created:  # a failed prepare leaves no trace, not even the parents it made
@@ -329,30 +331,6 @@ def _fsync_tree(root: Path) -> None:
             with open(os.path.join(dirpath, name), "rb+") as f:
                 os.fsync(f.fileno())
         _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; a non-empty old out is moved aside first and deleted only once the new one is in."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
-    _fsync_dir(out.parent)
 
 
 @dataclass
