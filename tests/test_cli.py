@@ -388,3 +388,27 @@ def test_prepare_train_export_eval_stderr_has_no_noise(tiny_config, tmp_path):
     for result in runs:
         for noise in ("Writing model shards", "Loading weights", "kernels", "pin_memory", "Warning", "warn"):
             assert noise not in result.stderr, result.stderr
+
+
+def test_help_imports_no_torch():
+    """`relora --help` and a subcommand's help answer without loading torch, peft or transformers (issue 19)."""
+    probe = ("import sys\nfrom relora.cli import main\nfor argv in (['--help'], ['train', '--help'], ['prepare', "
+             "'--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules), file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
+
+
+def test_public_api_is_importable_as_before():
+    import relora
+
+    expected = {"ReLoRAConfig", "wrap", "merge_and_reinit", "prune_optimizer_state", "jagged_cosine", "ReLoRA",
+                "unwrap", "ReLoRACallback", "jagged_cosine_scheduler", "merged", "adapter_parameters", "StepEvent"}
+    assert expected <= set(relora.__all__) and expected <= set(dir(relora))
+    from relora import ReLoRACallback, ReLoRAConfig, wrap  # noqa: F401
+
+    assert relora.wrap.__module__ == "relora.adapters" and relora.ReLoRAConfig().r == 128
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        relora.nope  # noqa: B018
