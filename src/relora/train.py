@@ -32,8 +32,8 @@ from relora.adapters import decay_frozen_, load_merge_residuals, merge_residuals
 from relora.controller import ReLoRA
 from relora.data import TokenWindows, load_prepared
 from relora.distributed import Dist
-from relora.fileio import swap_dir
 from relora.evaluation import evaluate, lm_loss, perplexity
+from relora.fileio import swap_dir
 from relora.models import (
     ConfigError,
     build_model,
