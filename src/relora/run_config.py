@@ -8,6 +8,7 @@ against.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -394,8 +395,14 @@ def scale_with_steps(values: dict[str, Any], preset_steps: int, names: list[str]
             values[name] = max(1, old * steps // preset_steps)
             changed.append(f"{name} {old} -> {values[name]}")
     if changed:
-        logger.info("steps %d instead of the preset's %d: scaled %s (set them to override)",
-                    steps, preset_steps, ", ".join(changed))
+        _say_once(f"steps {steps} instead of the preset's {preset_steps}: scaled {', '.join(changed)} "
+                  "(set them to override)")
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    """Log ``message`` once per process: `relora compare` resolves the same settings for every run of a set."""
+    logger.info("%s", message)
 
 
 def merge_model(base: dict, update: Any) -> dict:
