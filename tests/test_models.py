@@ -19,7 +19,7 @@ from relora.models import (
     relora_trainable_parameters,
 )
 
-PRESETS = ["tiny", "9m", "20m", "60m", "130m", "250m", "350m", "1b", "pico-tiny"]
+PRESETS = ["tiny", "9m", "20m", "60m", "130m", "250m", "350m", "1b", "pico-small", "pico-tiny"]
 TRAIN_FIELDS = {
     "lr", "relora_lr", "batch_tokens", "micro_batch", "seq_len", "steps", "warmup_steps", "warm_start_steps",
     "reset_every", "restart_warmup_steps", "rank", "alpha", "eval_every", "eval_tokens", "save_every", "vocab_size",
@@ -52,7 +52,7 @@ def test_preset_has_model_and_known_train_fields(name):
     preset = load_preset(name)
     assert set(preset) == {"model", "train"}
     train = preset["train"]
-    assert set(train) == TRAIN_FIELDS | ({"dropout"} if name == "pico-tiny" else set())
+    assert set(train) == TRAIN_FIELDS | ({"dropout"} if name.startswith("pico-") else set())
     config = llama_config(preset["model"], train["vocab_size"], train["seq_len"])
     assert config.max_position_embeddings == train["seq_len"]
 
@@ -107,6 +107,20 @@ def test_pico_tiny_is_relora_picos_tiny_architecture():
     expected = 12 * per_layer + 2 * 50_257 * 96 + 96  # + untied embedding and head + final norm
     assert meta_parameter_count(preset["model"], 50_257) == expected
     assert 10.5e6 <= expected <= 11.5e6
+
+
+def test_pico_small_is_relora_picos_small_architecture():
+    """Weiss et al. 2025 (issue 18): 12 layers, 12 heads, 4 KV heads, d_model 384, FFN 1536; ~65M at a 50k vocabulary."""
+    preset = load_preset("pico-small")
+    config = llama_config(preset["model"], 50_257, 128)
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (12, 12, 4)
+    assert (config.hidden_size, config.intermediate_size) == (384, 1536)
+    per_layer = 2 * 384 * 384 + 2 * 384 * (384 // 12 * 4) + 3 * 384 * 1536 + 2 * 384  # q, o; k, v; SwiGLU; 2 norms
+    expected = 12 * per_layer + 2 * 50_257 * 384 + 384  # + untied embedding and head + final norm
+    assert meta_parameter_count(preset["model"], 50_257) == expected
+    assert 63e6 <= expected <= 67e6  # they report 66M
+    # the same recipe as pico-tiny (relora-pico's r, alpha, dropout and schedule shape); only the width differs
+    assert preset["train"] == load_preset("pico-tiny")["train"]
 
 
 def test_llama_config_is_llama_as_the_paper_trains_it():

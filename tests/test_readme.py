@@ -73,3 +73,60 @@ def test_readme_main_job_finishes_within_ten_minutes(tmp_path):
     assert "val ppl" in result.stdout and "restarts     3" in result.stdout
     print(f"README main job: {elapsed:.0f} s\n" + result.stdout[-800:])
     assert elapsed < 600
+
+
+STUDY = ROOT / "docs" / "results" / "study"
+# Stand-ins for the study page's shell names: each $(chosen_lr ...) an LR, each $(chosen_run ...) a run directory
+STUDY_STAND_INS = {"DATA": "/nonexistent/site-packages-bpe8192", "LR": "0.002", "LR_NWS": "0.001",
+                   "LR_FULL": "0.001", "LR_LORA": "0.003"}
+
+
+def study_commands() -> list[str]:
+    """Every `relora ...` command of docs/results/study/README.md, continuations joined, shell names substituted."""
+    text = (STUDY / "README.md").read_text()
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ").splitlines()
+    names = dict(STUDY_STAND_INS)
+    for line in lines:  # literal assignments (S=..., GRID=..., STEPS=..., P=...), in page order
+        match = re.fullmatch(r"(\w+)=([^$\s(]\S*)", line.strip())
+        if match and match[1] not in STUDY_STAND_INS:
+            names[match[1]] = match[2]
+    commands = []
+    for line in lines:
+        line = line.split(" #")[0].strip()
+        if not line.startswith("relora "):
+            continue
+        line = re.sub(r"\$\(chosen_run [^)]*\)", "runs/stand-in", line)
+        commands.append(re.sub(r"\$\{?(\w+)\}?", lambda m: names[m[1]], line))
+    return commands
+
+
+def test_study_commands_resolve(monkeypatch):
+    """The study's commands parse, and every run each `relora compare` would train passes validation; runs that
+    two commands would share a directory for have the same config. Nothing trains."""
+    from relora.cli import _train_overrides, build_parser
+    from relora.compare import PAPER_SETS, SETS, resolve_run
+    from relora.run_config import incompatible_changes
+
+    monkeypatch.chdir(ROOT)
+    commands = study_commands()
+    compares = [c for c in commands if c.startswith("relora compare")]
+    assert len(compares) >= 20 and any("relora plot" in c for c in commands)
+    parser = build_parser()
+    runs: dict[str, dict] = {}
+    for command in commands:
+        args = parser.parse_args(command.split()[1:])
+        if args.command != "compare":
+            continue
+        overrides = _train_overrides(args)
+        lr = overrides.pop("lr", None)
+        grid = (lr,) if lr is not None else args.lr_grid or (None,)  # None: the config's LR
+        sets = list(PAPER_SETS) if args.set == "all" else [args.set]
+        specs = {s.name: s for name in sets for s in SETS[name] if s.name in args.methods}
+        assert set(specs) == set(args.methods), command
+        runs_dir = Path(args.runs) if args.runs else Path(args.out) / "runs"
+        for spec in specs.values():
+            for k, lr in [(0, lr) for lr in grid] + [(k, grid[0]) for k in range(1, args.seeds)]:
+                config = resolve_run(spec, runs_dir, preset=None, config_file=args.config, overrides=overrides,
+                                     lr=lr, seed_index=k, clip_rule=args.clip_rule).to_dict()
+                before = runs.setdefault(str(Path(config["out"]).resolve()), config)
+                assert not incompatible_changes(before, config), (command, config["out"])

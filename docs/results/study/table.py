@@ -1,0 +1,48 @@
+"""One study table from several ``relora compare`` outputs (each variant of a setting is its own invocation).
+
+    PYTHONPATH=src python docs/results/study/table.py LABEL=OUT:METHOD [LABEL=OUT:METHOD ...]
+
+Each argument names a row: the ``results.json`` under OUT and the method row in it. The first row is the
+reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's,
+as ``relora compare`` does within one invocation (relora.stats). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from relora.stats import SIGNIFICANCE_LEVEL, mean_std, welch_t_test
+
+
+def row(arg: str) -> tuple[str, dict]:
+    label, _, where = arg.partition("=")
+    out, _, method = where.rpartition(":")
+    if not (label and out and method):
+        raise SystemExit(f"table.py: error: {arg!r} is not LABEL=OUT:METHOD")
+    results = json.loads((Path(out) / "results.json").read_text())
+    if method not in results["methods"]:
+        raise SystemExit(f"table.py: error: {out}/results.json has no method {method!r}: "
+                         f"{', '.join(results['methods'])}")
+    return label, results["methods"][method]
+
+
+def main(args: list[str]) -> None:
+    if not args:
+        raise SystemExit(__doc__)
+    rows = [row(a) for a in args]
+    reference = rows[0][1]["test_ppls"]
+    print(f"| run | chosen LR | seeds | test ppl (mean ± std) | p vs {rows[0][0]} |")
+    print("|---|---|---|---|---|")
+    for label, m in rows:
+        mean, std = mean_std(m["test_ppls"]) if m["test_ppls"] else (None, None)
+        ppl = "diverged" if mean is None else f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+        test = welch_t_test(m["test_ppls"], reference) if m is not rows[0][1] else None
+        p = "" if test is None else f"{test[2]:.3f}{' *' if test[2] < SIGNIFICANCE_LEVEL else ''}"
+        edge = " (edge)" if m.get("chosen_lr_at_edge") else ""
+        print(f"| {label} | {m['chosen_lr']:g}{edge} | {m['n_seeds']} | {ppl} | {p} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
