@@ -69,7 +69,8 @@ def _name_list(text: str) -> list[str]:
 
 
 TRAIN_FLAGS = {  # flag -> (type, help); each maps to the TrainConfig field of the same name
-    "--preset": (str, "model size and recipe: tiny, 9m, 20m, 60m, 130m, 250m, 350m, 1b"),
+    "--preset": (str, "model size and recipe: tiny, 9m, 20m, 60m, 130m, 250m, 350m, 1b; pico-tiny, pico-small "
+                      "(relora-pico's architectures; src/relora/configs/)"),
     "--method": (str, "full, control, lora, lora-ws, relora (default), online-relora; galore, apollo, apollo-mini "
                       "(pip install 'relora[baselines]')"),
     "--data": (str, "prepared data directory (default: the Python stdlib corpus, prepared once into the cache)"),
