@@ -54,6 +54,19 @@ def prepared_data(tmp_path_factory):
                    val_fraction=0.1, progress=False)
 
 
+def without_test_split(prepared, dest):
+    """A copy of a prepared directory as relora prepare wrote it before the test split existed."""
+    import json
+    import shutil
+
+    shutil.copytree(prepared, dest)
+    meta = json.loads((dest / "meta.json").read_text())
+    del meta["test_fraction"], meta["splits"]["test"]
+    (dest / "meta.json").write_text(json.dumps(meta))
+    (dest / "test.bin").unlink()
+    return dest
+
+
 def run_config(data, out, **overrides):
     """A TrainConfig for a seconds-long run of a tiny model."""
     from relora.run_config import resolve_config

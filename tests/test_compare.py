@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, without_test_split
 from test_stats import t_tail_by_integration
 
 import relora.train
@@ -98,14 +98,7 @@ def test_compare_tunes_each_method_repeats_seeds_and_resumes_without_retraining(
 
 
 def test_compare_refuses_data_without_test_split_in_one_line(prepared_data, tmp_path, capsys):
-    import shutil
-
-    legacy = tmp_path / "legacy"
-    shutil.copytree(prepared_data, legacy)
-    meta = json.loads((legacy / "meta.json").read_text())
-    del meta["test_fraction"], meta["splits"]["test"]
-    (legacy / "meta.json").write_text(json.dumps(meta))
-    (legacy / "test.bin").unlink()
+    legacy = without_test_split(prepared_data, tmp_path / "legacy")
     assert main(["compare", "--preset", "tiny", "--data", str(legacy), "--out", str(tmp_path / "cmp"),
                  "--methods", "full", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

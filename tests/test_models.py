@@ -97,29 +97,21 @@ def test_cpu_presets_have_their_size(name, low, high):
     assert low <= meta_parameter_count(preset["model"], preset["train"]["vocab_size"]) <= high
 
 
-def test_pico_tiny_is_relora_picos_tiny_architecture():
-    """Weiss et al. 2025 (issue 18): 12 layers, 12 heads, 4 KV heads, d_model 96, FFN 384; 11M at a 50k vocabulary."""
-    preset = load_preset("pico-tiny")
+@pytest.mark.parametrize("name, width, ffn, low, high", [
+    ("pico-tiny", 96, 384, 10.5e6, 11.5e6),  # they report 11M
+    ("pico-small", 384, 1536, 63e6, 67e6),  # they report 66M; the same recipe as pico-tiny, only wider
+])
+def test_pico_presets_are_relora_picos_architectures(name, width, ffn, low, high):
+    """Weiss et al. 2025 (issue 18): 12 layers, 12 heads, 4 KV heads, d_model x FFN; their sizes at a 50k vocabulary."""
+    preset = load_preset(name)
     config = llama_config(preset["model"], 50_257, 128)
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (12, 12, 4)
-    assert (config.hidden_size, config.intermediate_size) == (96, 384)
-    per_layer = 2 * 96 * 96 + 2 * 96 * (96 // 12 * 4) + 3 * 96 * 384 + 2 * 96  # q, o; k, v; SwiGLU; 2 norms
-    expected = 12 * per_layer + 2 * 50_257 * 96 + 96  # + untied embedding and head + final norm
+    assert (config.hidden_size, config.intermediate_size) == (width, ffn)
+    kv = width // 12 * 4
+    per_layer = 2 * width * width + 2 * width * kv + 3 * width * ffn + 2 * width  # q, o; k, v; SwiGLU; 2 norms
+    expected = 12 * per_layer + 2 * 50_257 * width + width  # + untied embedding and head + final norm
     assert meta_parameter_count(preset["model"], 50_257) == expected
-    assert 10.5e6 <= expected <= 11.5e6
-
-
-def test_pico_small_is_relora_picos_small_architecture():
-    """Weiss et al. 2025 (issue 18): 12 layers, 12 heads, 4 KV heads, d_model 384, FFN 1536; ~65M at a 50k vocabulary."""
-    preset = load_preset("pico-small")
-    config = llama_config(preset["model"], 50_257, 128)
-    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (12, 12, 4)
-    assert (config.hidden_size, config.intermediate_size) == (384, 1536)
-    per_layer = 2 * 384 * 384 + 2 * 384 * (384 // 12 * 4) + 3 * 384 * 1536 + 2 * 384  # q, o; k, v; SwiGLU; 2 norms
-    expected = 12 * per_layer + 2 * 50_257 * 384 + 384  # + untied embedding and head + final norm
-    assert meta_parameter_count(preset["model"], 50_257) == expected
-    assert 63e6 <= expected <= 67e6  # they report 66M
-    # the same recipe as pico-tiny (relora-pico's r, alpha, dropout and schedule shape); only the width differs
+    assert low <= expected <= high
     assert preset["train"] == load_preset("pico-tiny")["train"]
 
 

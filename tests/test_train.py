@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_config
+from conftest import run_config, without_test_split
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -274,12 +274,7 @@ def test_final_eval_reports_val_and_test_on_fixed_windows(prepared_data, tmp_pat
 
 
 def test_data_without_test_split_trains_with_no_test_loss(prepared_data, tmp_path):
-    legacy = tmp_path / "legacy"
-    shutil.copytree(prepared_data, legacy)
-    meta = json.loads((legacy / "meta.json").read_text())
-    del meta["test_fraction"], meta["splits"]["test"]
-    (legacy / "meta.json").write_text(json.dumps(meta))
-    (legacy / "test.bin").unlink()
+    legacy = without_test_split(prepared_data, tmp_path / "legacy")
     summary = train(run_config(legacy, tmp_path / "run", method="full", steps=4, eval_every=0), progress=False)
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["test_loss"] is None and saved["test_ppl"] is None and summary.val_loss is not None

@@ -196,7 +196,6 @@ def _newest_run(preset: str, method: str) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.data import prepare_default_corpus
     from relora.models import ConfigError
     from relora.run_config import TrainConfig, incompatible_changes, merge_model, read_config_file, resolve_config
     from relora.train import finished_summary, train
