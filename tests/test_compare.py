@@ -90,7 +90,7 @@ def test_compare_tunes_each_method_repeats_seeds_and_resumes_without_retraining(
     p = welch_p(relora_["test_ppls"], full["test_ppls"])
     assert row["p_values"]["full"] == pytest.approx(p, abs=1e-6)
     table = (out / "main.md").read_text()
-    assert "Welch's t-test" in table and "same first 16 windows" in table
+    assert "Welch's t-test" in table and "same 16 windows of 32 tokens, spread evenly" in table
     verdict = "yes" if p < 0.05 else "no"
     assert f"vs full: {verdict} (p={p:.3f})" in table
     assert f"{relora_['test_ppl_mean']:.2f} ± {relora_['test_ppl_std']:.2f} (n=3)" in table

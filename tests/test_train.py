@@ -252,7 +252,8 @@ def test_reference_weights_are_saved_where_low_rank_training_starts(prepared_dat
 
 
 def test_final_eval_reports_val_and_test_on_fixed_windows(prepared_data, tmp_path):
-    """summary.json's val/test losses are the exported model's mean loss on the first eval windows of each split."""
+    """summary.json's val/test losses are the exported model's mean loss on the eval windows of each split, spread
+    evenly over the split (window i * len / n)."""
     import torch.nn.functional as F
 
     from relora.data import TokenWindows, load_prepared
@@ -264,7 +265,9 @@ def test_final_eval_reports_val_and_test_on_fixed_windows(prepared_data, tmp_pat
     data = load_prepared(prepared_data)
     n = cfg.eval_tokens // cfg.seq_len
     for split in ("val", "test"):
-        batch = TokenWindows(getattr(data, split), cfg.seq_len, mode="sequential").get(range(n))
+        windows = TokenWindows(getattr(data, split), cfg.seq_len, mode="sequential")
+        count = min(n, len(windows))
+        batch = windows.get([i * len(windows) // count for i in range(count)])
         with torch.no_grad():
             logits = model(batch[:, :-1]).logits
         expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()

@@ -337,7 +337,7 @@ def fairness_header(procedure: Procedure, configs: list[TrainConfig]) -> str:
     return "\n".join([
         f"Fairness: every run trains {c.steps} steps of {c.batch_tokens} tokens; seed k fixes model init and data "
         f"order for every method (seeds {c.seed}..{c.seed + procedure.seeds - 1}); val and test are evaluated on "
-        f"the same first {max(1, c.eval_tokens // c.seq_len)} windows of {c.seq_len} tokens.",
+        f"the same {max(1, c.eval_tokens // c.seq_len)} windows of {c.seq_len} tokens, spread evenly over each split.",
         f"LR: {grid} for the peak LR of each method's main phase (relora_lr after the warm start, proj_lr for "
         "GaLore/APOLLO, lr for full-rank); the lowest final val loss at the first seed chooses; (edge) = chosen "
         "at the grid's edge, widen the grid.",
