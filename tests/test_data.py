@@ -476,6 +476,27 @@ def test_default_corpus_files() -> None:
     assert files == sorted(files)
 
 
+def test_default_corpus_leaves_out_the_generated_codec_tables() -> None:
+    """encodings/cp1252.py and its ~70 siblings are near-copies: a held-out one measures memorisation."""
+    import encodings
+    import importlib
+    import sysconfig
+
+    files = set(default_corpus_files())
+    codecs = Path(encodings.__file__).parent
+    tables, modules = set(), set(codecs.glob("*.py"))
+    for path in modules:  # found independently: the modules that, imported, hold a decoding table
+        try:
+            module = importlib.import_module(f"encodings.{path.stem}")
+        except ImportError:  # mbcs, oem: Windows only
+            continue
+        if isinstance(getattr(module, "decoding_table", None), str):
+            tables.add(path)
+    assert len(tables) >= 50 and modules - files == tables  # cp1252, iso8859_1, mac_roman, ...: exactly those
+    assert codecs / "utf_8.py" in files and codecs / "idna.py" in files  # real codec code stays
+    assert all(p.is_relative_to(Path(sysconfig.get_paths()["stdlib"])) for p in files)
+
+
 @pytest.mark.slow
 def test_prepare_default_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     start = time.perf_counter()

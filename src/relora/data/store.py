@@ -434,8 +434,8 @@ def default_data_dir(cache_dir: str | Path | None, vocab_size: int) -> Path:
     import sys
 
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "relora"
-    # "-test": prepared with a test split; the caches of older versions (without one) stay as they were
-    return cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-bpe{vocab_size}-test"
+    # "-v3": a test split, no generated codec tables; the caches of older versions stay as they were
+    return cache / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-bpe{vocab_size}-v3"
 
 
 def prepare_default_corpus(cache_dir: str | Path | None, vocab_size: int, *, progress: bool = True) -> Path:
