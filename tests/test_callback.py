@@ -41,9 +41,10 @@ class Probe(TrainerCallback):
                                                 for layer in lora_layers(model))
 
 
-def run_trainer(out, resume=None):
+def run_trainer(out, resume=None, frozen_dtype="float32"):
     model = tiny_llama(seed=0)
-    config = relora.ReLoRAConfig(r=4, reset_every=RESET, restart_warmup_steps=REWARM, prune_ratio=RATIO)
+    config = relora.ReLoRAConfig(r=4, reset_every=RESET, restart_warmup_steps=REWARM, prune_ratio=RATIO,
+                                 frozen_dtype=frozen_dtype)
     relora.wrap(model, config)
     callback = relora.ReLoRACallback(config)
     probe = Probe(callback)
@@ -115,6 +116,28 @@ def test_resume_continues_the_counters_and_matches_the_uninterrupted_run(uninter
     expected = model.state_dict()
     for name, value in resumed_model.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_bf16_merge_residuals_are_checkpointed_and_resumed(tmp_path):
+    from relora.adapters import merge_residuals
+    from relora.callback import MERGE_RESIDUALS_FILE
+
+    with one_thread():
+        model, _, _ = run_trainer(tmp_path, frozen_dtype="bfloat16")
+    assert (tmp_path / "checkpoint-6" / MERGE_RESIDUALS_FILE).is_file()
+    expected_residuals, expected = merge_residuals(model), model.state_dict()
+    assert expected_residuals and all(bool(r.abs().max() > 0) for r in expected_residuals.values())
+    resumed_model, _, _ = run_trainer(tmp_path, resume=str(tmp_path / "checkpoint-6"), frozen_dtype="bfloat16")
+    resumed_residuals = merge_residuals(resumed_model)
+    assert resumed_residuals.keys() == expected_residuals.keys()
+    for name, value in resumed_residuals.items():  # without the saved residual the merge at 8 starts from zero
+        assert torch.equal(value, expected_residuals[name]), name
+    for name, value in resumed_model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+    (tmp_path / "checkpoint-6" / MERGE_RESIDUALS_FILE).unlink()
+    with pytest.raises(ValueError, match="bf16 merge residuals but .*relora_merge_residuals.safetensors is missing"):
+        run_trainer(tmp_path, resume=str(tmp_path / "checkpoint-6"), frozen_dtype="bfloat16")
 
 
 def test_training_without_the_jagged_scheduler_is_refused(tmp_path):

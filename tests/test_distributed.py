@@ -100,6 +100,7 @@ def test_fsdp_trains_through_restarts_saves_sharded_resumes_and_exports(prepared
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # three torchrun launches (~16 s idle): the fast tier keeps issue 16's suite-time budget
 def test_ddp_resume_with_dropout_repeats_every_ranks_random_draws(prepared_data, tmp_path):
     """Adapter dropout 0.1, each rank seeded differently: resumed at step 8 == uninterrupted, bit for bit.
     (With only rank 0's RNG state saved, rank 1 resumed with rank 0's dropout masks.)"""

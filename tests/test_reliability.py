@@ -275,7 +275,8 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_to_identical_weights(p
     assert_same_weights(out, reference_run)
 
 
-def test_a_loss_spike_after_a_restart_is_logged_with_the_restart_number(caplog):
+@pytest.mark.parametrize("resume_at", [None, 21, 23])
+def test_a_loss_spike_after_a_restart_is_logged_with_the_restart_number(caplog, resume_at):
     from relora.controller import StepEvent
     from relora.train import _SpikeWatch
 
@@ -294,6 +295,10 @@ def test_a_loss_spike_after_a_restart_is_logged_with_the_restart_number(caplog):
                 controller.restarts += 1
                 event = StepEvent(step=step, merged=True, restarted=True)
             watch.observe(step, loss, event, controller)
+            if step == resume_at:  # a checkpoint here, then a new process: the spike inside the window is still seen
+                saved = json.loads(json.dumps(watch.state_dict()))  # as the trainer state is written
+                watch = _SpikeWatch(restart_warmup_steps=3)
+                watch.load_state_dict(saved)
     spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
     # the baseline is the mean of steps 11-20, noisy step 12 included: 3.1
     assert spikes == ["loss spike after restart 2: 4.000 on average over steps 22-24 against 3.100 before it; "

@@ -111,6 +111,24 @@ def test_ablation_switches_change_what_they_say(spec, prepared_data, tmp_path, m
     assert zero_lr_at == ([t + 1 for t in due] if on["jagged"] else [])
 
 
+def test_the_same_seed_repeats_a_run_with_dropout_and_ranks_draw_apart(prepared_data, tmp_path):
+    """Adapter dropout draws from the global RNG: a run seeds it, so a second run in the same process (whose
+    RNG was left elsewhere by the first) repeats the first exactly; before, the two differed from the switch."""
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
+    runs = []
+    for name in ("a", "b"):
+        torch.rand(7)  # move the process's stream, as anything between two runs may
+        train(run_config(prepared_data, tmp_path / name, dropout=0.1, steps=16, warm_start_steps=4), progress=False)
+        runs.append(strip(records(tmp_path / name)))
+    assert runs[0] == runs[1]
+    ckpt.seed_rng_states(0, rank=0)
+    rank0 = torch.rand(4)
+    ckpt.seed_rng_states(0, rank=1)
+    assert not torch.equal(torch.rand(4), rank0)
+    ckpt.seed_rng_states(0, rank=0)
+    assert torch.equal(torch.rand(4), rank0)
+
+
 @pytest.mark.parametrize("resume_step", [10, 25])
 def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
     """A run of 40 steps == the same run stopped at `resume_step` and resumed (CPU), metrics included.

@@ -30,6 +30,8 @@ optimizer reset diverges (paper, Table 6).
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,13 +39,18 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from relora.adapters import adapter_parameters
+from relora.adapters import adapter_parameters, load_merge_residuals, lora_layers, merge_residual, merge_residuals
 from relora.config import ReLoRAConfig
 from relora.controller import ReLoRA, StepEvent
 from relora.schedule import jagged_cosine
 
 logger = logging.getLogger(__name__)
+
+# Beside the Trainer's files in each checkpoint-N/ when frozen weights are bf16: what the merges could not store
+# in them (relora.adapters.merge_residual). Too large for trainer_state.json, which holds the controller state.
+MERGE_RESIDUALS_FILE = "relora_merge_residuals.safetensors"
 
 
 class JaggedSchedule:
@@ -97,7 +104,11 @@ class ReLoRACallback(TrainerCallback, ExportableState):
 
     Checkpoints: the controller's counters are saved in each checkpoint's
     ``trainer_state.json`` (the Trainer's stateful-callback mechanism) and
-    restored by ``trainer.train(resume_from_checkpoint=...)``. (With
+    restored by ``trainer.train(resume_from_checkpoint=...)``. With bf16
+    frozen weights (``frozen_dtype``) the merge residuals are saved beside
+    them, in ``checkpoint-N/relora_merge_residuals.safetensors``; a resume
+    reads them from ``args.output_dir/checkpoint-N``, where the Trainer wrote
+    them (the Trainer does not tell callbacks which checkpoint it resumes). (With
     ``restore_callback_states_from_checkpoint=True`` the Trainer replaces this
     object by a new one built from the saved state; read it back from
     ``trainer.callback_handler.callbacks`` then.)
@@ -136,7 +147,10 @@ class ReLoRACallback(TrainerCallback, ExportableState):
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
         self.controller = ReLoRA(model, torch_optimizer, self.config, start_step=0, total_steps=state.max_steps)
         if state.global_step > 0:  # resuming: TrainerState was read from the checkpoint
-            self.controller.load_state_dict(self._saved_controller_state(state))
+            saved = self._saved_attributes(state)
+            self.controller.load_state_dict(saved["controller_state"])
+            if saved.get("merge_residuals"):
+                self._load_merge_residuals(args, state, model)
             logger.info("ReLoRA resumed at step %d: %d merges, %d restarts so far",
                         state.global_step, self.controller.merges, self.controller.restarts)
         schedule.configure(total_steps=state.max_steps, warmup_steps=args.get_warmup_steps(state.max_steps),
@@ -157,19 +171,46 @@ class ReLoRACallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------ checkpoints (ExportableState)
     def state(self) -> dict:
         """What the Trainer writes into ``trainer_state.json`` at each checkpoint."""
+        model = self.controller.model if self.controller else None
+        has_residuals = model is not None and any(merge_residual(layer) is not None for layer in lora_layers(model))
         return {
             "args": {"config": self.config.to_dict()},
-            "attributes": {"controller_state": self.controller.state_dict() if self.controller else None},
+            "attributes": {"controller_state": self.controller.state_dict() if self.controller else None,
+                           "merge_residuals": has_residuals},
         }
 
-    def _saved_controller_state(self, state: TrainerState) -> dict:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: nn.Module | None = None, **kwargs: Any) -> None:
+        """Write the bf16 merge residuals into the checkpoint the Trainer has just saved."""
+        from safetensors.torch import save_file
+
+        residuals = merge_residuals(model) if model is not None else {}  # every rank: sharded ones are gathered
+        if not residuals or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        tmp = folder / f".{MERGE_RESIDUALS_FILE}.tmp"
+        save_file({k: v.contiguous() for k, v in residuals.items()}, str(tmp))
+        os.replace(tmp, folder / MERGE_RESIDUALS_FILE)  # atomic: a crash leaves the old file or none
+
+    def _load_merge_residuals(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / MERGE_RESIDUALS_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"the checkpoint at step {state.global_step} had bf16 merge residuals but {path} is missing: resume "
+                f"from the checkpoint in output_dir, or copy its {MERGE_RESIDUALS_FILE} there"
+            )
+        load_merge_residuals(model, load_file(str(path)))
+
+    def _saved_attributes(self, state: TrainerState) -> dict:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):  # several ReLoRACallbacks: the Trainer keeps a list
             saved = saved[0]
-        controller_state = (saved or {}).get("attributes", {}).get("controller_state")
-        if controller_state is None:
+        attributes = (saved or {}).get("attributes", {})
+        if attributes.get("controller_state") is None:
             raise ValueError(
                 f"the checkpoint at step {state.global_step} holds no ReLoRA state: it was not saved with a "
                 "ReLoRACallback, so the merges and restarts already done are unknown"
             )
-        return controller_state
+        return attributes

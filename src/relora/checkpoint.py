@@ -109,6 +109,21 @@ def rng_state(device: torch.device | None = None) -> dict:
     return state
 
 
+def seed_rng_states(seed: int, rank: int = 0) -> None:
+    """Seed this process's torch (every device), numpy and python RNGs from the run's seed and the rank.
+
+    What draws from them during training (adapter dropout, anything a user's model samples) then repeats
+    with the seed: without it the streams start wherever the process left them, and two runs with one
+    seed differed from the first step with dropout (issue 16). Ranks get different, seed-determined
+    streams (numpy's SeedSequence of (seed, rank)), so dropout masks differ across ranks as under DDP they
+    should. A resume replaces these states by the saved ones (``restore_rng_states``).
+    """
+    value = int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    torch.manual_seed(value)  # every CUDA device too
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     """Restore what ``rng_state`` returned (``device``: the GPU a ``cuda_device`` state belongs to)."""
     torch.set_rng_state(state["torch"])

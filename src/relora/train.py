@@ -418,6 +418,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     model = make_model(cfg, data.vocab_size)
     if device.type == "cpu" or cfg.threads > 0:  # after the data and model checks: a user error is all that prints
         apply_threads(cfg.threads)
+    ckpt.seed_rng_states(cfg.seed, dist.rank)  # dropout repeats with the seed; a resume restores the saved states
     state = {"step": 0, "tokens": 0, "wall_s": 0.0, "train_s": 0.0, "skipped_steps": 0, "wrapped": False,
              "peak_optimizer_state_bytes": 0, "vocab_size": data.vocab_size, "world_size": dist.world_size}
     restored = dist.broadcast_object(ckpt.latest_checkpoint(checkpoints, verify=True) if resume else None)
@@ -466,10 +467,14 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     timed_steps, window_start = 0, time.perf_counter()  # throughput: only the steps timed in this process
     run_start = time.perf_counter() - state["wall_s"]
     summary_notes: list[str] = []
+    spikes = _SpikeWatch(relora_cfg.restart_warmup_steps if relora_cfg else 0)
+    if "spike_watch" in state:  # absent in checkpoints written before it was saved
+        spikes.load_state_dict(state["spike_watch"])
 
     def save() -> Path:
         state["wall_s"] = time.perf_counter() - run_start
-        state.update(window_loss=window_loss, window_steps=window_steps, bad_streak=bad_streak)
+        state.update(window_loss=window_loss, window_steps=window_steps, bad_streak=bad_streak,
+                     spike_watch=spikes.state_dict())
         states = {"scheduler": phase.scheduler.state_dict()}
         if not dist.sharded:
             states["optimizer"] = phase.optimizer.state_dict()
@@ -486,7 +491,6 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         dist.barrier()
 
     bad_streak = state.get("bad_streak", 0)
-    spikes = _SpikeWatch(relora_cfg.restart_warmup_steps if relora_cfg else 0)
     bar = _progress_bar(cfg.steps, state["step"], progress and main)
     metrics = open(metrics_path, "a") if main else contextlib.nullcontext()
     with _StopOnSignal() as stop, metrics:
@@ -662,6 +666,15 @@ class _SpikeWatch:
                                sum(self.above) / self.RUN, step - self.RUN + 1, step, self.baseline)
                 self.baseline = None  # once per restart
         self.recent = (self.recent + [loss])[-10:]
+
+    def state_dict(self) -> dict:
+        """JSON-able: checkpointed with the trainer state, so a resumed run warns where the uninterrupted one would."""
+        return {"recent": list(self.recent), "baseline": self.baseline, "until": self.until,
+                "restart": self.restart, "above": list(self.above)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent, self.above = list(state["recent"]), list(state["above"])
+        self.baseline, self.until, self.restart = state["baseline"], state["until"], state["restart"]
 
 
 def reference_step(cfg: TrainConfig) -> int | None:
