@@ -3,7 +3,7 @@
 Issue 15: with the default two threads on a 2-core machine where another job
 ran, `relora train --preset tiny` managed 358-403 tokens/s, against 1,720 with
 OMP_NUM_THREADS=1. This measures why, to choose relora's default thread
-policy (`--threads auto`, relora/threads.py).
+policy (`--threads auto`, relora/run/threads.py).
 
 Method: one process holds the full-rank and the ReLoRA model of the preset
 (micro-batch 16 x 128 tokens, rank 8: the preset's real step); each round runs
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from relora.bench import BenchSetup, build, make_step, time_alternating
+from relora.analysis.bench import BenchSetup, build, make_step, time_alternating
 
 
 def measure(repeats: int, warmup: int, threads: tuple[int, ...]) -> dict[str, float]:

@@ -69,7 +69,7 @@ def without_test_split(prepared, dest):
 
 def run_config(data, out, **overrides):
     """A TrainConfig for a seconds-long run of a tiny model."""
-    from relora.run_config import resolve_config
+    from relora.run.config import resolve_config
 
     values = dict(model=TINY_MODEL, data=str(data), out=str(out), steps=40, warmup_steps=4,
                   warm_start_steps=10, reset_every=10, restart_warmup_steps=3, rank=4, alpha=8,
@@ -99,7 +99,7 @@ def single_thread():
 
 
 def dense_moments(state):
-    """(m or None, [v-like tensors]) as float64 dense tensors, read independently of relora.optim."""
+    """(m or None, [v-like tensors]) as float64 dense tensors, read independently of relora.core.pruning."""
     if "state2" in state:  # bitsandbytes
         if state["state2"].dtype == torch.uint8:
             from bitsandbytes.functional import dequantize_blockwise

@@ -11,14 +11,14 @@ import yaml
 from conftest import TINY_MODEL, one_thread, run_config
 from safetensors.torch import load_file
 
-from relora import checkpoint as ckpt
-from relora.adapters import find_targets
 from relora.baselines import projection_settings
 from relora.cli import _set_lr, main
+from relora.core.adapters import find_targets
+from relora.core.pruning import optimizer_state_bytes
 from relora.data import TokenWindows, load_prepared
-from relora.evaluation import lm_loss
-from relora.optim import optimizer_state_bytes
-from relora.run_config import resolve_config
+from relora.run import checkpoint as ckpt
+from relora.run.config import resolve_config
+from relora.run.evaluation import lm_loss
 from relora.train import build_phase, make_model, train
 
 PROJECTION = ["galore", "apollo", "apollo-mini"]

@@ -154,7 +154,7 @@ def test_console_script_runs_as_module():
 
 def test_restart_adam_step_flag_reaches_the_controller_config():
     from relora.cli import _train_overrides, build_parser
-    from relora.run_config import resolve_config
+    from relora.run.config import resolve_config
 
     args = build_parser().parse_args(["train", "--restart-adam-step", "reset"])
     assert resolve_config(overrides=_train_overrides(args)).relora_config().restart_adam_step == "reset"
@@ -163,7 +163,7 @@ def test_restart_adam_step_flag_reaches_the_controller_config():
 
 def test_reference_defects_flag_reaches_train_and_compare_configs():
     from relora.cli import _train_overrides, build_parser
-    from relora.run_config import resolve_config
+    from relora.run.config import resolve_config
 
     for command in ("train", "compare"):
         args = build_parser().parse_args([command, "--reference-defects", "zero-init-a,unscaled-merge"])
@@ -273,7 +273,7 @@ def test_resume_finds_its_data_by_identity_not_spelling(prepared_data, tmp_path,
     """The run stores its data resolved with an identity: resumable from another directory, by another path to
     the same tokens; other tokens are refused, also when they replace the data at the same path."""
     from relora.data import load_prepared, prepare
-    from relora.run_config import resolve_config
+    from relora.run.config import resolve_config
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -409,6 +409,6 @@ def test_public_api_is_importable_as_before():
     assert expected <= set(relora.__all__) and expected <= set(dir(relora))
     from relora import ReLoRACallback, ReLoRAConfig, wrap  # noqa: F401
 
-    assert relora.wrap.__module__ == "relora.adapters" and relora.ReLoRAConfig().r == 128
+    assert relora.wrap.__module__ == "relora.core.adapters" and relora.ReLoRAConfig().r == 128
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         relora.nope  # noqa: B018

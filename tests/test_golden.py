@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from golden.record import METHODS, golden_runs
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "metrics.json").read_text())

@@ -7,8 +7,8 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 import relora
+from relora.errors import ConfigError
 from relora.models import (
-    ConfigError,
     build_model,
     control_model_config,
     count_parameters,

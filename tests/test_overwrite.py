@@ -16,8 +16,8 @@ import pytest
 from conftest import one_thread, run_config
 from test_bad_inputs import snapshot
 
-from relora import ownership
 from relora.cli import main
+from relora.fileio import ownership
 
 
 def user_corpus(root: Path) -> Path:
@@ -144,7 +144,7 @@ def test_finetune_into_user_files_leaves_them_untouched(tmp_path, capsys, finish
 
 
 def test_save_dense_refuses_to_replace_what_relora_did_not_write(tmp_path):
-    from relora.models import ConfigError
+    from relora.errors import ConfigError
     from relora.train import save_dense
 
     notes = user_corpus(tmp_path / "notes")

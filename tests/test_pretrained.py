@@ -10,9 +10,9 @@ import transformers
 from conftest import run_config
 from transformers import AutoModelForCausalLM
 
-from relora import checkpoint as ckpt
-from relora.adapters import find_targets, lora_layers, wrap
 from relora.cli import main
+from relora.core.adapters import find_targets, lora_layers, wrap
+from relora.run import checkpoint as ckpt
 from relora.train import model_from_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -129,7 +129,7 @@ def test_cli_prepares_with_a_model_tokenizer_and_trains_from_its_directory(prepa
 
 
 def test_seq_len_beyond_learned_positions_is_a_config_error(prepared_data, tmp_path):
-    from relora.models import ConfigError
+    from relora.errors import ConfigError
 
     saved_model("gpt2", tmp_path / "gpt2")  # 64 learned positions
     cfg = run_config(prepared_data, tmp_path / "run", init_from=str(tmp_path / "gpt2"), warm_start_steps=0,

@@ -103,9 +103,9 @@ def study_commands() -> list[str]:
 def test_study_commands_resolve(monkeypatch):
     """The study's commands parse, and every run each `relora compare` would train passes validation; runs that
     two commands would share a directory for have the same config. Nothing trains."""
+    from relora.analysis.compare import PAPER_SETS, SETS, resolve_run
     from relora.cli import _train_overrides, build_parser
-    from relora.compare import PAPER_SETS, SETS, resolve_run
-    from relora.run_config import incompatible_changes
+    from relora.run.config import incompatible_changes
 
     monkeypatch.chdir(ROOT)
     commands = study_commands()

@@ -19,8 +19,9 @@ from conftest import TINY_MODEL, one_thread, run_config
 from safetensors.torch import load_file
 
 import relora.train
-from relora import checkpoint as ckpt
-from relora.train import DivergedError, train
+from relora.errors import DivergedError
+from relora.run import checkpoint as ckpt
+from relora.train import train
 
 PROBES = Path(__file__).parent / "dist_scripts" / "train_with_probes.py"
 # 40 steps, restarts at 20 and 30, a checkpoint every 5 steps: kills land between, in and around all of them
@@ -277,7 +278,7 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_to_identical_weights(p
 
 @pytest.mark.parametrize("resume_at", [None, 21, 23])
 def test_a_loss_spike_after_a_restart_is_logged_with_the_restart_number(caplog, resume_at):
-    from relora.controller import StepEvent
+    from relora.core.controller import StepEvent
     from relora.train import _SpikeWatch
 
     class Controller:

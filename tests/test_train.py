@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import relora
-from relora import checkpoint as ckpt
+from relora.analysis.compare import ABLATION_SET, RunSpec, ablation_switches
 from relora.cli import main
-from relora.compare import ABLATION_SET, RunSpec, ablation_switches
+from relora.run import checkpoint as ckpt
 from relora.train import build_phase, make_model, train
 
 METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes",
@@ -80,12 +80,12 @@ def test_ablation_switches_change_what_they_say(spec, prepared_data, tmp_path, m
     """Each component a run is labelled with (relora compare's Table 6 columns) is there, and only those:
     merges at the restart steps, 99% of the adapters' second moments zero after them, LR 0 right after
     them, adapters from step 0 or after the warm start."""
-    import relora.controller
+    import relora.core.controller
 
     cfg = run_config(prepared_data, tmp_path, steps=24, warm_start_steps=8, reset_every=8, restart_warmup_steps=2,
                      eval_every=0, **spec.settings)
     on = ablation_switches(cfg)
-    zero_after_prune, prune = [], relora.controller.prune_optimizer_state
+    zero_after_prune, prune = [], relora.core.controller.prune_optimizer_state
 
     def counting_prune(optimizer, params, *args, **kwargs):  # an independent count of zeroed second moments
         params = list(params)
@@ -94,7 +94,7 @@ def test_ablation_switches_change_what_they_say(spec, prepared_data, tmp_path, m
         zero_after_prune.append(float((v == 0).float().mean()))
         return result
 
-    monkeypatch.setattr(relora.controller, "prune_optimizer_state", counting_prune)
+    monkeypatch.setattr(relora.core.controller, "prune_optimizer_state", counting_prune)
     summary = train(cfg, progress=False)
     logged = {r["step"]: r for r in records(tmp_path)}
     start = 8 if on["warm_start"] else 0
@@ -247,7 +247,7 @@ def test_checkpoints_are_pruned_to_keep_and_complete(prepared_data, tmp_path):
 
 
 def test_sequential_sampling_refuses_too_many_steps(prepared_data, tmp_path):
-    from relora.models import ConfigError
+    from relora.errors import ConfigError
 
     with pytest.raises(ConfigError, match="sampling random"):
         train(run_config(prepared_data, tmp_path, steps=100_000, warmup_steps=10), progress=False)

@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {  # public name -> the module that defines it
-    "ReLoRA": "relora.controller",
-    "StepEvent": "relora.controller",
-    "ReLoRACallback": "relora.callback",
-    "ReLoRAConfig": "relora.config",
-    "adapter_parameters": "relora.adapters",
-    "merge_and_reinit": "relora.adapters",
-    "merged": "relora.adapters",
-    "unwrap": "relora.adapters",
-    "wrap": "relora.adapters",
-    "prune_optimizer_state": "relora.optim",
-    "jagged_cosine": "relora.schedule",
-    "jagged_cosine_scheduler": "relora.schedule",
+    "ReLoRA": "relora.core.controller",
+    "StepEvent": "relora.core.controller",
+    "ReLoRACallback": "relora.integrations.callback",
+    "ReLoRAConfig": "relora.core.config",
+    "adapter_parameters": "relora.core.adapters",
+    "merge_and_reinit": "relora.core.adapters",
+    "merged": "relora.core.adapters",
+    "unwrap": "relora.core.adapters",
+    "wrap": "relora.core.adapters",
+    "prune_optimizer_state": "relora.core.pruning",
+    "jagged_cosine": "relora.core.schedule",
+    "jagged_cosine_scheduler": "relora.core.schedule",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
@@ -43,9 +43,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
-    from relora.adapters import adapter_parameters, merge_and_reinit, merged, unwrap, wrap
-    from relora.callback import ReLoRACallback
-    from relora.config import ReLoRAConfig
-    from relora.controller import ReLoRA, StepEvent
-    from relora.optim import prune_optimizer_state
-    from relora.schedule import jagged_cosine, jagged_cosine_scheduler
+    from relora.core.adapters import (
+        adapter_parameters,
+        merge_and_reinit,
+        merged,
+        unwrap,
+        wrap,
+    )
+    from relora.core.config import ReLoRAConfig
+    from relora.core.controller import ReLoRA, StepEvent
+    from relora.core.pruning import prune_optimizer_state
+    from relora.core.schedule import jagged_cosine, jagged_cosine_scheduler
+    from relora.integrations.callback import ReLoRACallback

@@ -10,7 +10,7 @@ rather than re-implementations, so a difference in results is not a difference
 in code.
 
 The projection applies to the matrices ReLoRA wraps (every linear map inside
-attention and MLP blocks, ``relora.adapters.find_targets``): the same split as
+attention and MLP blocks, ``relora.core.adapters.find_targets``): the same split as
 the authors' scripts (``nn.Linear`` modules under ``attn`` / ``mlp``).
 Embeddings, norms and the head go in a plain parameter group of the same
 optimizer, which then behaves as AdamW for them, at the same LR, as in those
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from relora.adapters import find_targets
-from relora.models import ConfigError
-from relora.optim import decay_groups
-from relora.run_config import PROJECTION_METHODS, TrainConfig
+from relora.core.adapters import find_targets
+from relora.core.pruning import decay_groups
+from relora.errors import ConfigError
+from relora.run.config import PROJECTION_METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -17,21 +17,12 @@ from pathlib import Path
 import yaml
 
 from relora import __version__
+from relora.errors import USER_ERRORS, UsageError
 
 logger = logging.getLogger("relora")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    # imported late: `relora --help` should not pay for importing torch
-    from relora.checkpoint import DiskSpaceError
-    from relora.data import DataError
-    from relora.models import ConfigError
-    from relora.quantize import BitsAndBytesMissing
-
-    return (DataError, ConfigError, DiskSpaceError, BitsAndBytesMissing)
-
-
-class UsageError(Exception):
-    """Bad command-line usage: exit code 2."""
+    return USER_ERRORS
 
 
 # ---------------------------------------------------------------- prepare
@@ -158,7 +149,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 def _set_lr(config, lr: float | None) -> None:
     """--lr is the peak LR of the method's main phase: relora_lr for adapter methods, proj_lr for GaLore/APOLLO."""
-    from relora.run_config import ADAPTER_METHODS, PROJECTION_METHODS
+    from relora.run.config import ADAPTER_METHODS, PROJECTION_METHODS
 
     if lr is not None:
         if config.method in ADAPTER_METHODS:
@@ -196,8 +187,14 @@ def _newest_run(preset: str, method: str) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.models import ConfigError
-    from relora.run_config import TrainConfig, incompatible_changes, merge_model, read_config_file, resolve_config
+    from relora.errors import ConfigError
+    from relora.run.config import (
+        TrainConfig,
+        incompatible_changes,
+        merge_model,
+        read_config_file,
+        resolve_config,
+    )
     from relora.train import finished_summary, train
 
     overrides = _train_overrides(args)
@@ -248,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if config.data is None:
             config.data = str(_default_corpus(config, progress=not args.no_progress))
         config.validate()
-    from relora.distributed import env_rank
+    from relora.run.distributed import env_rank
     from relora.train import check_inputs
 
     check_inputs(config)  # a missing dataset or device is the first thing the user reads, not the config dump
@@ -266,7 +263,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _data_identity(path: str | None, *, missing_ok: bool = False) -> str | None:
     """The identity of the prepared data at ``path`` (DataError if there is none, or None with ``missing_ok``)."""
-    from relora.data import DataError, load_prepared
+    from relora.data import load_prepared
+    from relora.errors import DataError
 
     try:
         return load_prepared(path).identity if path else None
@@ -284,8 +282,8 @@ def _default_corpus(config, *, progress: bool) -> Path:
     """
     from relora.data import prepare_default_corpus
     from relora.data.store import default_data_dir
-    from relora.distributed import env_rank
-    from relora.models import ConfigError
+    from relora.errors import ConfigError
+    from relora.run.distributed import env_rank
 
     if env_rank() == 0:
         return prepare_default_corpus(config.cache_dir, config.vocab_size, progress=progress)
@@ -340,7 +338,7 @@ def _quiet_transformers() -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from relora.finetune import FinetuneConfig, finetune
+    from relora.finetune.classification import FinetuneConfig, finetune
 
     names = {f.name for f in fields(FinetuneConfig)}
     config = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})  # absent flags: the defaults
@@ -357,8 +355,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- eval / export
 def cmd_eval(args: argparse.Namespace) -> int:
     from relora.data import TokenWindows, load_prepared
-    from relora.evaluation import check_same_tokenizer, eval_settings, evaluate, perplexity
     from relora.models import check_device
+    from relora.run.evaluation import (
+        check_same_tokenizer,
+        eval_settings,
+        evaluate,
+        perplexity,
+    )
     from relora.train import autocast_for, model_from_path, pick_device
 
     given = {flag: getattr(args, flag) for flag in ("seq_len", "eval_tokens", "micro_batch")}
@@ -389,10 +392,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from relora import checkpoint as ckpt
-    from relora import ownership
     from relora.data import load_prepared
-    from relora.models import ConfigError
+    from relora.errors import ConfigError
+    from relora.fileio import ownership
+    from relora.run import checkpoint as ckpt
     from relora.train import export_dense, model_from_checkpoint
 
     source = Path(args.checkpoint)
@@ -423,7 +426,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- analyze / plot / compare
 def _default_out(paths: list[str], name: str) -> Path:
     """Beside a single run, else in the working directory."""
-    from relora.runs import is_run_dir
+    from relora.run.records import is_run_dir
 
     if len(paths) == 1 and is_run_dir(Path(paths[0])):
         return Path(paths[0]) / name
@@ -440,7 +443,7 @@ def _labels(text: str | None, count: int) -> list[str] | None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from relora.analysis import analyze_runs, write_analysis
+    from relora.analysis.report import analyze_runs, write_analysis
 
     out = Path(args.out) if args.out else _default_out(args.runs, "analysis")
     spectra = analyze_runs([Path(p) for p in args.runs], reference=Path(args.reference) if args.reference else None,
@@ -455,8 +458,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from relora.plots import plot_curves
-    from relora.runs import read_curves
+    from relora.analysis.plots import plot_curves
+    from relora.run.records import read_curves
 
     labels = _labels(args.labels, len(args.runs)) or [None] * len(args.runs)
     curves = [read_curves(Path(p), label) for p, label in zip(args.runs, labels, strict=True)]
@@ -468,9 +471,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.compare import PAPER_SETS, Procedure, compare
+    from relora.analysis.compare import PAPER_SETS, Procedure, compare
     from relora.data import prepare_default_corpus
-    from relora.run_config import resolve_config
+    from relora.run.config import resolve_config
 
     overrides = _train_overrides(args)
     lr, grid = overrides.pop("lr", None), getattr(args, "lr_grid", None)
@@ -497,8 +500,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    from relora.bench import BenchSetup, format_result, run_bench, write_json
-    from relora.costs import METHODS
+    from relora.analysis.bench import BenchSetup, format_result, run_bench, write_json
+    from relora.analysis.costs import METHODS
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -524,7 +527,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(setup, methods=methods, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
                        merge=args.merge, progress=lambda text: logger.info("bench: %s", text))
     if args.max_micro_batch:
-        from relora.bench import max_micro_batch
+        from relora.analysis.bench import max_micro_batch
 
         result["max_micro_batch"] = {}
         for method in methods:
@@ -539,14 +542,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_quantize(args: argparse.Namespace, setup) -> int:
     """relora bench --quantize none,int8,nf4: ReLoRA with each storage of the frozen weights."""
-    from relora.quant_bench import format_quantize_result, parse_formats, run_quantize_bench
+    from relora.analysis.quant_bench import (
+        format_quantize_result,
+        parse_formats,
+        run_quantize_bench,
+    )
 
     formats = parse_formats(args.quantize)
     result = run_quantize_bench(setup, formats, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
                                 progress=lambda text: logger.info("bench: %s", text))
     print(format_quantize_result(result))
     if args.json:
-        from relora.bench import write_json
+        from relora.analysis.bench import write_json
 
         write_json(result, Path(args.json))
         print(f"wrote {args.json}")

@@ -18,10 +18,11 @@ from types import SimpleNamespace
 import torch
 import transformers
 import yaml
-
-from relora.quantize import logical_numel
 from packaging.version import Version
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from relora.errors import ConfigError
+from relora.integrations.quantize import logical_numel
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ RUN_KEYS = {
 CONTROL_TOLERANCE = 0.02
 CONTROL_MAX_ERROR = 0.05
 CONTROL_HIDDEN_STEP = 8
-
-
-class ConfigError(ValueError):
-    """A user configuration mistake; the message is one line naming the problem and the fix."""
 
 
 def list_presets() -> list[str]:

@@ -26,16 +26,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from relora import checkpoint as ckpt
-from relora import distributed, ownership, sharding
-from relora.adapters import decay_frozen_, load_merge_residuals, merge_residuals, unwrap, wrap
-from relora.controller import ReLoRA
+from relora.core import sharding
+from relora.core.adapters import (
+    decay_frozen_,
+    load_merge_residuals,
+    merge_residuals,
+    unwrap,
+    wrap,
+)
+from relora.core.controller import ReLoRA
+from relora.core.pruning import decay_groups, optimizer_state_bytes
+from relora.core.schedule import jagged_cosine_scheduler
 from relora.data import TokenWindows, load_prepared
-from relora.distributed import Dist
-from relora.evaluation import evaluate, lm_loss, perplexity
-from relora.fileio import swap_dir
+from relora.errors import ConfigError, DivergedError
+from relora.fileio import ownership, swap_dir, write_json_atomic, write_text_atomic
 from relora.models import (
-    ConfigError,
     build_model,
     control_model_config,
     count_parameters,
@@ -43,11 +48,13 @@ from relora.models import (
     llama_config,
     load_pretrained,
 )
-from relora.optim import decay_groups, optimizer_state_bytes
-from relora.run_config import ADAPTER_METHODS, PROJECTION_METHODS, TrainConfig
-from relora.schedule import jagged_cosine_scheduler
-from relora.threads import apply_threads
-from relora.tracking import finish_wandb, log_wandb, start_wandb
+from relora.run import checkpoint as ckpt
+from relora.run import distributed
+from relora.run.config import ADAPTER_METHODS, PROJECTION_METHODS, TrainConfig
+from relora.run.distributed import Dist
+from relora.run.evaluation import evaluate, lm_loss, perplexity
+from relora.run.threads import apply_threads
+from relora.run.tracking import finish_wandb, log_wandb, start_wandb
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +249,9 @@ def build_phase(
     relora_cfg = cfg.relora_config()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.method in PROJECTION_METHODS:
-        from relora.baselines import build_projection_optimizer  # imports the optional galore/apollo packages
+        from relora.baselines import (
+            build_projection_optimizer,  # imports the optional galore/apollo packages
+        )
 
         optimizer = build_projection_optimizer(cfg, model)
     else:
@@ -383,10 +392,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> R
         dist.close()
 
 
-class DivergedError(ConfigError):
-    """Too many non-finite steps, and no (more) rollback allowed: a one-line error."""
-
-
 class _TooManyBadSteps(Exception):
     def __init__(self, step: int, lr_scale: float) -> None:
         super().__init__(step)
@@ -451,7 +456,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
+        write_text_atomic(run_dir / "config.yaml", _yaml(cfg.to_dict()))
         _truncate_metrics(metrics_path, state["step"])
 
     from torch.utils.tensorboard import SummaryWriter  # slow import, only when training
@@ -620,7 +625,7 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
         skipped_steps=state["skipped_steps"], interrupted=interrupted, notes=summary_notes,
     )
     if not interrupted and main:  # written last: its presence means the run finished (relora compare relies on it)
-        ckpt.write_json_atomic(run_dir / "summary.json", summary.to_dict())
+        write_json_atomic(run_dir / "summary.json", summary.to_dict())
     dist.barrier()
     return summary
 
@@ -741,7 +746,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             kept.append(line)
-    ckpt.write_text_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _yaml(values: dict) -> str:

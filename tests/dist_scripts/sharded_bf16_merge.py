@@ -13,8 +13,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 import relora
-from relora.adapters import (ADAPTER, load_merge_residuals, lora_layers, merge_and_reinit, merge_residual,
-                             merge_residuals)
+from relora.core.adapters import (
+    ADAPTER,
+    load_merge_residuals,
+    lora_layers,
+    merge_and_reinit,
+    merge_residual,
+    merge_residuals,
+)
 
 dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))

@@ -18,15 +18,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-import relora.adapters
-import relora.checkpoint
-import relora.controller
+import relora.core.adapters
+import relora.core.controller
+import relora.run.checkpoint
 import relora.train
 from relora.cli import main
 
 probe = os.environ["PROBE"]
 if probe == "checksums":
-    merge = relora.controller.merge_and_reinit
+    merge = relora.core.controller.merge_and_reinit
 
     def merge_and_checksum(model, seed, **kwargs):
         merged = merge(model, seed, **kwargs)
@@ -41,7 +41,7 @@ if probe == "checksums":
                 f.write(json.dumps(sums) + "\n")
         return merged
 
-    relora.controller.merge_and_reinit = merge_and_checksum
+    relora.core.controller.merge_and_reinit = merge_and_checksum
 elif probe == "crash":
     loss_fn, calls = relora.train.lm_loss, [0]
 
@@ -54,7 +54,7 @@ elif probe == "crash":
     relora.train.lm_loss = crashing_loss
 
 elif probe in ("kill_in_merge", "kill_in_save"):
-    module, name = (relora.adapters, "merge_layer") if probe == "kill_in_merge" else (relora.checkpoint, "save_model")
+    module, name = (relora.core.adapters, "merge_layer") if probe == "kill_in_merge" else (relora.run.checkpoint, "save_model")
     original, calls, kill_at = getattr(module, name), [0], int(os.environ["KILL_AT"])
 
     def killing(*args, **kwargs):

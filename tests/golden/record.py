@@ -39,7 +39,7 @@ def golden_runs(data: Path, work: Path) -> dict[str, list[dict]]:
     """Each method's records, and relora's records after a resume at step RESUME_AT."""
     from conftest import one_thread, run_config
 
-    from relora import checkpoint as ckpt
+    from relora.run import checkpoint as ckpt
     from relora.train import train
 
     out: dict[str, list[dict]] = {}

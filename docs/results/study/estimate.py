@@ -1,4 +1,4 @@
-"""The time estimates of docs/results/study/README.md, from relora's cost model (relora.costs); nothing is trained.
+"""The time estimates of docs/results/study/README.md, from relora's cost model (relora.analysis.costs); nothing is trained.
 
     PYTHONPATH=src python docs/results/study/estimate.py [--peak-tflops 989] [--mfu 0.4]
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from relora.costs import CostModel
+from relora.analysis.costs import CostModel
 from relora.models import llama_config, load_preset
 
 TINY_STEPS, TINY_BATCH, TINY_TOKENS_PER_S, TINY_WALL_S = 480, 2048, 3420, 323  # measured: relora train --preset tiny

@@ -4,7 +4,7 @@
 
 Each argument names a row: the ``results.json`` under OUT and the method row in it. The first row is the
 reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's,
-as ``relora compare`` does within one invocation (relora.stats). Prints a markdown table.
+as ``relora compare`` does within one invocation (relora.analysis.stats). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from relora.stats import SIGNIFICANCE_LEVEL, mean_std, welch_t_test
+from relora.analysis.stats import SIGNIFICANCE_LEVEL, mean_std, welch_t_test
 
 
 def row(arg: str) -> tuple[str, dict]:

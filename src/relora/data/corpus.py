@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from relora.data.errors import DataError, one_line
+from relora.errors import DataError, one_line
 
 logger = logging.getLogger(__name__)
 

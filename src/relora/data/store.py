@@ -26,12 +26,16 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from relora import ownership
 from relora.data.corpus import CorpusStats, Sources, iter_documents, resolve_inputs
-from relora.data.errors import DataError
-from relora.data.tokenizer import batch_encoder, load_tokenizer, tokenizer_fingerprint, train_tokenizer
+from relora.data.tokenizer import (
+    batch_encoder,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+from relora.errors import DataError
 from relora.fileio import fsync_dir as _fsync_dir
-from relora.fileio import swap_dir
+from relora.fileio import ownership, swap_dir
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from relora.data.errors import DataError, one_line
+from relora.errors import DataError, one_line
 
 logger = logging.getLogger(__name__)
 

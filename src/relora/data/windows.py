@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from relora.data.errors import DataError
+from relora.errors import DataError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 

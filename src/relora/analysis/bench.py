@@ -1,0 +1,387 @@
+"""``relora bench``: full-rank vs ReLoRA training steps, measured side by side, against the cost model's bounds.
+
+Throughput: both models live in one process and their steps are timed in
+alternation (warm-up first, then ``repeats`` rounds, median), so machine noise
+hits both alike and the ratio is meaningful even on a busy machine. Peak
+memory: each method runs alone in a fresh subprocess (a process's RSS
+high-water mark cannot be reset, and CUDA's peak would include the other
+model), reporting CUDA max-allocated or the RSS growth from building the model
+to the end of its steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue as queue_module
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from relora.analysis.costs import METHODS, CostModel
+from relora.errors import ConfigError
+from relora.models import (
+    build_model,
+    check_device,
+    count_parameters,
+    enable_activation_checkpointing,
+    llama_config,
+    load_preset,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VOCAB = 32100  # the paper's T5 tokenizer, for presets that do not name a vocabulary
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What is benchmarked: one preset's architecture at a rank, sequence length and micro-batch."""
+
+    preset: str
+    rank: int
+    seq_len: int
+    micro_batch: int
+    vocab_size: int
+    device: str
+    frozen_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_preset(cls, preset: str, *, rank: int | None = None, seq_len: int | None = None,
+                    micro_batch: int | None = None, device: str = "auto", frozen_dtype: str | None = None,
+                    vocab_size: int | None = None, gradient_checkpointing: bool = False,
+                    compile: bool = False) -> BenchSetup:
+        train = load_preset(preset)["train"]
+        check_device(device)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        setup = cls(
+            preset=preset,
+            # `is None`, not `or`: an explicit 0 is an error to report, not a request for the default
+            rank=train.get("rank", 128) if rank is None else rank,
+            seq_len=train.get("seq_len", 256) if seq_len is None else seq_len,
+            micro_batch=(train.get("micro_batch", 1) if device.startswith("cuda") else 1) if micro_batch is None
+            else micro_batch,
+            vocab_size=train.get("vocab_size", DEFAULT_VOCAB) if vocab_size is None else vocab_size,
+            device=device,
+            frozen_dtype=frozen_dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+            gradient_checkpointing=gradient_checkpointing,
+            compile=compile,
+        )
+        for name in ("rank", "seq_len", "micro_batch", "vocab_size"):
+            if getattr(setup, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(setup, name)}")
+        if setup.frozen_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--frozen-dtype must be float32 or bfloat16, got {setup.frozen_dtype!r}")
+        return setup
+
+    @property
+    def llama(self):
+        return llama_config(load_preset(self.preset)["model"], self.vocab_size, self.seq_len)
+
+    def cost_model(self) -> CostModel:
+        return CostModel(self.llama, self.seq_len, self.rank, frozen_bytes=2 if self.frozen_dtype == "bfloat16" else 4)
+
+
+def build(setup: BenchSetup, method: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and AdamW of ``method``, on the setup's device."""
+    from relora import ReLoRAConfig, wrap
+
+    model = build_model(setup.llama, setup.seed)
+    if method == "relora":
+        wrap(model, ReLoRAConfig(r=setup.rank, alpha=32, reset_every=10**9, restart_warmup_steps=0,
+                                 frozen_dtype=setup.frozen_dtype))
+    if setup.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    model.to(setup.device).train()
+    if setup.compile:
+        model.compile()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trainable, lr=1e-5)
+
+
+def make_step(setup: BenchSetup, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One training step on a fixed random batch: forward, backward, clip, AdamW, zero_grad."""
+    from relora.train import autocast_for, pick_device
+
+    device = pick_device(setup.device)
+    autocast = autocast_for(device)
+    batch = torch.randint(0, setup.vocab_size, (setup.micro_batch, setup.seq_len),
+                          generator=torch.Generator().manual_seed(1)).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_high_water_bytes() -> int:
+    """This process's peak RSS since it started (its own memory, not inherited).
+
+    Not ``getrusage().ru_maxrss``: Linux carries that high-water mark over
+    fork + exec, so a spawned child reports its parent's peak when the parent's
+    was higher (the parent holds both benchmarked models). VmHWM belongs to
+    the process's own address space, which exec creates afresh.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no procfs: the best there is
+
+
+def _peak_memory_child(setup: BenchSetup, method: str, steps: int, queue) -> None:
+    """In a fresh process: build one method, run ``steps`` steps, report its peak memory."""
+    try:
+        torch.set_num_threads(torch.get_num_threads())
+        if setup.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        before = _rss_bytes()
+        model, optimizer = build(setup, method)
+        step = make_step(setup, model, optimizer)
+        for _ in range(steps):
+            step()
+        if setup.device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _rss_high_water_bytes() - before
+        queue.put({"peak_mem_bytes": int(peak)})
+    except BaseException as exc:  # the parent turns this into an error message
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure_peak_memory(setup: BenchSetup, method: str, steps: int = 2) -> int:
+    """Peak memory of ``steps`` training steps of ``method``, measured alone in a subprocess."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_memory_child, args=(setup, method, steps, queue))
+    # glibc keeps freed heap memory resident (and fragmented), so RSS would report
+    # what the process once used, not what it holds. Serving every allocation of
+    # 64 KiB or more by mmap returns it to the system on free: the high-water mark
+    # then follows live memory. Read by the child's malloc at start, hence the env.
+    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+    os.environ.update(MALLOC_ENV)
+    try:
+        proc.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    while True:  # a child that dies without a word (killed for memory, say) must not hang the parent
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"memory measurement of {method} failed: its process exited with code "
+                                   f"{proc.exitcode} (out of memory?)") from None
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"memory measurement of {method} failed: {result['error']}")
+    return result["peak_mem_bytes"]
+
+
+def measure_merge_seconds(model: torch.nn.Module, repeats: int = 3) -> float:
+    """Median wall time of one ``merge_and_reinit`` of every adapter of ``model``."""
+    from relora import merge_and_reinit
+
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        merge_and_reinit(model, seed=i)
+        if next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int = 4096) -> int:
+    """The largest n in [1, limit] with ``fits(n)``, assuming fitting is monotone; 0 if not even 1 fits.
+
+    Doubles until a size fails, then bisects between the last success and the
+    failure: about 2 log2(n) trials.
+    """
+    if not fits(1):
+        return 0
+    good = 1
+    while good < limit:
+        trial = min(2 * good, limit)
+        if not fits(trial):
+            bad = trial
+            break
+        good = trial
+    else:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def max_micro_batch(setup: BenchSetup, method: str, limit: int = 4096) -> int:
+    """Largest micro-batch whose training step fits in GPU memory for ``method`` (the paper's speedup came
+    partly from ReLoRA's freed optimizer memory going to bigger batches)."""
+    if not setup.device.startswith("cuda"):
+        raise ConfigError("--max-micro-batch needs a CUDA device: on CPU, memory is the machine's RAM and "
+                          "running out of it swaps or kills the process instead of raising an error")
+    model, optimizer = build(setup, method)
+
+    def fits(micro_batch: int) -> bool:
+        try:
+            step = make_step(replace(setup, micro_batch=micro_batch), model, optimizer)
+            step()
+            step()  # the second step holds the Adam moments the first one allocated
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    try:
+        return largest_fitting(fits, limit)
+    finally:
+        del model, optimizer
+        torch.cuda.empty_cache()
+
+
+def time_alternating(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
+                     say: Callable[[str], None]) -> dict[str, list[float]]:
+    """Seconds of each step function over ``repeats`` rounds after ``warmup`` untimed ones.
+
+    One call of every function per round, in turn, so that machine noise
+    (another job, thermal throttling) falls on all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+        say(f"round {i + 1}/{warmup + repeats}" + (" (warm-up)" if i < warmup else ""))
+    return times
+
+
+def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: int = 2, repeats: int = 5,
+              memory: bool = True, merge: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    """Measure every method and return the JSON-ready result (see ``relora bench --help``)."""
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"unknown bench method {method!r}; choose from: {', '.join(METHODS)}")
+    say = progress or (lambda text: None)
+    cost = setup.cost_model()
+    tokens = setup.micro_batch * setup.seq_len
+    built = {}
+    for method in methods:
+        say(f"building {method}")
+        model, optimizer = build(setup, method)
+        built[method] = (model, make_step(setup, model, optimizer))
+    times = time_alternating({m: step for m, (_, step) in built.items()}, warmup, repeats, say)
+    result: dict = {"setup": setup.__dict__, "tokens_per_step": tokens, "cost_model": cost.to_dict(), "methods": {}}
+    for method in methods:
+        model = built[method][0]
+        trainable, total = count_parameters(model)
+        median = statistics.median(times[method])
+        result["methods"][method] = {
+            "tokens_per_s": tokens / median, "step_s": median, "step_s_all": times[method],
+            "trainable_params": trainable, "total_params": total,
+        }
+    if merge and "relora" in built:
+        say("timing merge_and_reinit")
+        merge_s = measure_merge_seconds(built["relora"][0])
+        train = load_preset(setup.preset)["train"]
+        steps_per_interval = train.get("reset_every", 0)
+        micro_steps = train.get("batch_tokens", tokens) / tokens  # micro-steps per optimizer step
+        interval_s = steps_per_interval * micro_steps * result["methods"]["relora"]["step_s"]
+        result["merge"] = {"merge_s": merge_s, "reset_every": steps_per_interval,
+                           "interval_train_s": interval_s,
+                           "merge_fraction": merge_s / interval_s if interval_s else None}
+    built.clear()
+    if memory:
+        for method in methods:
+            say(f"peak memory of {method} (fresh process)")
+            result["methods"][method]["peak_mem_bytes"] = measure_peak_memory(setup, method)
+    if set(methods) == set(METHODS):
+        full, relora = result["methods"]["full"], result["methods"]["relora"]
+        result["throughput_ratio"] = relora["tokens_per_s"] / full["tokens_per_s"]
+        result["throughput_bound"] = cost.throughput_bound
+        result["throughput_of_bound"] = result["throughput_ratio"] / cost.throughput_bound
+        if memory:
+            result["memory_ratio"] = relora["peak_mem_bytes"] / full["peak_mem_bytes"]
+            result["memory_bound"] = cost.memory_bound
+            result["memory_of_bound"] = result["memory_ratio"] / cost.memory_bound
+            act_bytes = 2 if setup.device.startswith("cuda") else 4  # autocast bf16 on GPU (roughly)
+            ckpt = setup.gradient_checkpointing
+            result["memory_predicted"] = cost.memory_predicted(setup.micro_batch, act_bytes, ckpt)
+            result["memory_of_predicted"] = result["memory_ratio"] / result["memory_predicted"]
+            for m in methods:
+                result["methods"][m]["predicted_peak_bytes"] = cost.peak_bytes(m, setup.micro_batch, act_bytes, ckpt)["peak"]
+    return result
+
+
+def format_result(result: dict) -> str:
+    """The table ``relora bench`` prints."""
+    s = result["setup"]
+    lines = [f"preset {s['preset']}  rank {s['rank']}  seq {s['seq_len']}  micro-batch {s['micro_batch']}  "
+             f"device {s['device']}  frozen {s['frozen_dtype']}"
+             + ("  activation checkpointing" if s.get("gradient_checkpointing") else "")
+             + ("  compiled" if s.get("compile") else ""),
+             f"{'method':>8} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9} {'predicted':>9} {'trainable':>12} "
+             f"{'total':>12}"]
+    for method, m in result["methods"].items():
+        peak = f"{m['peak_mem_bytes'] / 2**20:,.0f}" if "peak_mem_bytes" in m else "-"
+        predicted = f"{m['predicted_peak_bytes'] / 2**20:,.0f}" if "predicted_peak_bytes" in m else "-"
+        lines.append(f"{method:>8} {m['tokens_per_s']:>10,.0f} {m['step_s']:>8.3f} {peak:>9} {predicted:>9} "
+                     f"{m['trainable_params']:>12,} {m['total_params']:>12,}")
+    if "throughput_ratio" in result:
+        lines.append(f"throughput relora/full {result['throughput_ratio']:.3f}  bound {result['throughput_bound']:.3f}"
+                     f"  measured/bound {result['throughput_of_bound']:.3f}")
+    if "memory_ratio" in result:
+        lines.append(f"memory     relora/full {result['memory_ratio']:.3f}  bound {result['memory_bound']:.3f}"
+                     f"  measured/bound {result['memory_of_bound']:.3f}  (bound: weights+grads+Adam, no activations)")
+        lines.append(f"           predicted peak ratio {result['memory_predicted']:.3f} (activations and AdamW "
+                     f"temporaries included)  measured/predicted {result['memory_of_predicted']:.3f}")
+    for method, size in result.get("max_micro_batch", {}).items():
+        lines.append(f"largest micro-batch that fits, {method}: {size}")
+    if "merge" in result:
+        m = result["merge"]
+        lines.append(f"merge_and_reinit {m['merge_s']:.3f} s = {100 * (m['merge_fraction'] or 0):.2g}% of one reset "
+                     f"interval ({m['reset_every']} steps, {m['interval_train_s']:,.0f} s of training at this speed)")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: Path) -> None:
+    from relora.fileio import write_json_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)

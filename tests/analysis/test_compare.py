@@ -1,0 +1,119 @@
+"""relora compare's procedure (issue 17): LR chosen on a grid by val loss, seeds at the chosen LR, test ppl with noise."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import TINY_MODEL, without_test_split
+from test_stats import t_tail_by_integration
+
+import relora.train
+from relora.analysis.compare import choose_lr
+from relora.cli import main
+
+
+def test_choose_lr_is_argmin_of_val_loss_and_flags_edges():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        grid = sorted(set(np.round(10 ** rng.uniform(-4, -1, rng.integers(1, 6)), 6)))
+        losses = {lr: float(rng.uniform(3, 6)) for lr in grid}
+        chosen, at_edge = choose_lr(losses)
+        assert chosen == min(grid, key=losses.get)
+        assert at_edge == (len(grid) > 1 and chosen in (grid[0], grid[-1]))
+    assert choose_lr({1e-3: 4.0, 3e-3: float("nan"), 1e-2: None}) == (1e-3, True)  # diverged runs lose
+    assert choose_lr({1e-3: 4.2, 3e-3: 4.0, 1e-2: 4.1}) == (3e-3, False)
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-comparison."""
+
+
+def welch_p(a, b):
+    """Welch's test computed here from its definition, the tail by numeric integration."""
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t_tail_by_integration(t, df)
+
+
+def test_compare_tunes_each_method_repeats_seeds_and_resumes_without_retraining(
+        prepared_data, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "cmp.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        model=TINY_MODEL, data=str(prepared_data), steps=12, warmup_steps=2, warm_start_steps=4, reset_every=4,
+        restart_warmup_steps=1, rank=4, alpha=8, lr=3e-3, batch_tokens=256, micro_batch=8, seq_len=32,
+        eval_every=0, eval_tokens=512, save_every=0, device="cpu", seed=5)))
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--out", str(out), "--set", "main", "--methods", "full,relora",
+            "--lr-grid", "1e-3,3e-2,3e-3", "--seeds", "3", "--no-progress"]
+    real_train, calls, killed = relora.train.train, [], []
+
+    def counting_train(cfg, *, resume=False, progress=True):
+        calls.append(Path(cfg.out).name)
+        if len(calls) == 4 and not killed:  # the first invocation is killed as its 4th run starts
+            killed.append(cfg.out)
+            raise Killed
+        return real_train(cfg, resume=resume, progress=progress)
+
+    monkeypatch.setattr(relora.train, "train", counting_train)
+    assert main(args) != 0  # the CLI reports the kill as an internal error
+    assert "Killed" in capsys.readouterr().err
+    first = calls[:3]
+    calls.clear()
+    assert main(args) == 0
+    assert not set(first) & set(calls), "a finished run was trained again"
+    assert len(first) + len(calls) == 2 * 3 + 2 * 2  # 3 grid LRs + 2 more seeds, per method
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["trained_s"]) == sorted(calls)
+
+    for name, field in (("full", "lr"), ("relora", "relora_lr")):
+        m = results["methods"][name]
+        runs = {(r["lr"], r["seed"]): r for r in m["runs"]}
+        for r in m["runs"]:  # each run's numbers are its own summary's, and its config has that LR and seed
+            summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+            assert (r["val_loss"], r["test_loss"], r["test_ppl"]) == (
+                summary["val_loss"], summary["test_loss"], summary["test_ppl"])
+            saved = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+            assert (saved[field], saved["seed"]) == (r["lr"], r["seed"])
+        at_seed0 = {lr: runs[(lr, 5)]["val_loss"] for lr in (1e-3, 3e-2, 3e-3)}
+        assert m["chosen_lr"] == min(at_seed0, key=at_seed0.get)
+        assert m["chosen_lr_at_edge"] == (m["chosen_lr"] != 3e-3)
+        ppls = [runs[(m["chosen_lr"], seed)]["test_ppl"] for seed in (5, 6, 7)]
+        assert m["n_seeds"] == 3 and len(m["runs"]) == 5
+        assert m["test_ppl_mean"] == pytest.approx(np.mean(ppls)) and m["test_ppl_std"] == pytest.approx(
+            np.std(ppls, ddof=1))
+    full, relora_ = results["methods"]["full"], results["methods"]["relora"]
+    row = {r["name"]: r for r in results["sets"]["main"]["rows"]}["relora"]
+    p = welch_p(relora_["test_ppls"], full["test_ppls"])
+    assert row["p_values"]["full"] == pytest.approx(p, abs=1e-6)
+    table = (out / "main.md").read_text()
+    assert "Welch's t-test" in table and "same 16 windows of 32 tokens, spread evenly" in table
+    verdict = "yes" if p < 0.05 else "no"
+    assert f"vs full: {verdict} (p={p:.3f})" in table
+    assert f"{relora_['test_ppl_mean']:.2f} ± {relora_['test_ppl_std']:.2f} (n=3)" in table
+    assert "| full | - | 1 |" in table and "| relora | 4 | 1 |" in table
+
+
+def test_compare_refuses_data_without_test_split_in_one_line(prepared_data, tmp_path, capsys):
+    legacy = without_test_split(prepared_data, tmp_path / "legacy")
+    assert main(["compare", "--preset", "tiny", "--data", str(legacy), "--out", str(tmp_path / "cmp"),
+                 "--methods", "full", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no test split" in err and "relora prepare" in err
+    assert not (tmp_path / "cmp" / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "1e-3", "--lr-grid", "1e-3,3e-3"], "not both"),
+    (["--lr-grid", "1e-3,-1"], "--lr-grid"),
+    (["--seeds", "0"], "--seeds"),
+    (["--methods", "full,sgd"], "--methods sgd"),
+])
+def test_compare_bad_procedure_is_one_line(argv, message, prepared_data, tmp_path, capsys):
+    assert main(["compare", "--preset", "tiny", "--data", str(prepared_data), "--out", str(tmp_path / "c"),
+                 "--set", "main", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err

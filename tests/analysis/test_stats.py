@@ -1,0 +1,69 @@
+"""Seed statistics of relora compare against independent computations (numeric integration, closed forms)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from relora.analysis.stats import (
+    mean_std,
+    regularized_incomplete_beta,
+    student_t_two_sided_p,
+    welch_t_test,
+)
+
+
+def t_tail_by_integration(t: float, df: float) -> float:
+    """2 * integral of Student's t density from |t| to infinity, by the trapezoid rule after u = 1/(1+x^2/df)."""
+    # Substituting x = |t| + y / (1 - y) maps [|t|, inf) to [0, 1); the density decays polynomially, so use many nodes.
+    y = np.linspace(0.0, 1.0, 400_001)[:-1]
+    x = abs(t) + y / (1 - y)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df)) / (1 - y) ** 2
+    return float(2 * np.trapezoid(density, y))
+
+
+def test_mean_and_sample_std_match_numpy():
+    rng = random.Random(0)
+    for n in (2, 3, 7):
+        values = [rng.uniform(50, 150) for _ in range(n)]
+        mean, std = mean_std(values)
+        assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert mean_std([4.0]) == (4.0, None)
+
+
+def test_incomplete_beta_matches_closed_forms():
+    rng = random.Random(1)
+    for _ in range(20):
+        x, a = rng.random(), rng.uniform(0.2, 20)
+        assert regularized_incomplete_beta(x, a, 1.0) == pytest.approx(x**a, rel=1e-10)  # I_x(a, 1) = x^a
+        assert regularized_incomplete_beta(x, 1.0, a) == pytest.approx(1 - (1 - x) ** a, rel=1e-10)
+    assert regularized_incomplete_beta(0.3, 0.5, 0.5) == pytest.approx(2 / math.pi * math.asin(math.sqrt(0.3)))
+
+
+def test_t_tail_matches_numeric_integration():
+    rng = random.Random(2)
+    for _ in range(12):
+        t, df = rng.uniform(-6, 6), rng.uniform(1.0, 30.0)
+        assert student_t_two_sided_p(t, df) == pytest.approx(t_tail_by_integration(t, df), abs=1e-6)
+    assert student_t_two_sided_p(1.0, 1.0) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
+    assert student_t_two_sided_p(0.0, 5.0) == pytest.approx(1.0)
+
+
+def test_welch_matches_its_definition_on_random_samples():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        a, b = rng.normal(100, rng.uniform(1, 5), rng.integers(2, 6)), rng.normal(103, rng.uniform(1, 5), rng.integers(2, 6))
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        t = (a.mean() - b.mean()) / math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        got = welch_t_test(list(a), list(b))
+        assert got[0] == pytest.approx(t) and got[1] == pytest.approx(df)
+        assert got[2] == pytest.approx(t_tail_by_integration(t, df), abs=1e-6)
+
+
+def test_welch_edge_cases():
+    assert welch_t_test([1.0], [2.0, 3.0]) is None
+    assert welch_t_test([2.0, 2.0], [2.0, 2.0])[2] == 1.0
+    assert welch_t_test([2.0, 2.0], [3.0, 3.0])[2] == 0.0

@@ -1,0 +1,85 @@
+"""TrainConfig as a new user writes it: YAML spellings, presets shortened with --steps."""
+
+import math
+import random
+from fractions import Fraction
+
+import pytest
+import yaml
+
+from relora.errors import ConfigError
+from relora.models import load_preset
+from relora.run.config import SCALED_WITH_STEPS, TrainConfig, resolve_config
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3 as the string '1e-3': the user means a number
+    rng = random.Random(0)
+    lr, relora_lr, alpha = (rng.randint(1, 9) for _ in range(3))
+    text = f"lr: {lr}e-3\nrelora_lr: {relora_lr}E-3\nalpha: {alpha}e1\nsteps: 1e3\n"
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert all(isinstance(v, str) for v in yaml.safe_load(text).values())  # the premise
+    config = resolve_config(config_file=path, overrides={"device": "cpu"})
+    assert config.lr == pytest.approx(lr / 1000)
+    assert config.relora_lr == pytest.approx(relora_lr / 1000)
+    assert config.alpha == pytest.approx(alpha * 10)
+    assert config.steps == 1000 and type(config.steps) is int
+
+
+@pytest.mark.parametrize("line, field", [("lr: fast", "lr"), ("steps: 25e-1", "steps"), ("lr: nan", "lr"),
+                                         ("rank: 1e-3", "rank")])
+def test_non_numeric_string_is_still_refused(tmp_path, line, field):
+    path = tmp_path / "c.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=f"^{field} must be ") as info:
+        resolve_config(config_file=path, overrides={"device": "cpu"})
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_string_fields_keep_numeric_looking_strings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("wandb_project: 1e3\n")
+    assert resolve_config(config_file=path, overrides={"device": "cpu"}).wandb_project == "1e3"
+
+
+@pytest.mark.parametrize("preset, steps", [("tiny", 60), ("tiny", 2000), ("60m", 100), ("20m", 31)])
+def test_steps_scales_the_presets_schedule(preset, steps):
+    train = load_preset(preset)["train"]
+    config = resolve_config(overrides={"preset": preset, "steps": steps, "device": "cpu"})
+    assert config.steps == steps
+    for name in SCALED_WITH_STEPS:
+        expected = train.get(name, getattr(TrainConfig, name))
+        if expected > 0:
+            expected = max(1, math.floor(Fraction(expected * steps, train["steps"])))
+        assert getattr(config, name) == expected, name
+    assert config.relora_phase_start < config.steps
+    cycles = (config.steps - config.warm_start_steps) / config.reset_every
+    assert cycles == pytest.approx((train["steps"] - train["warm_start_steps"]) / train["reset_every"], rel=0.25)
+
+
+def test_steps_leaves_explicit_settings_alone(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("reset_every: 20\n")
+    config = resolve_config(config_file=path, overrides={"preset": "tiny", "steps": 240, "eval_every": 7,
+                                                         "device": "cpu"})
+    assert (config.reset_every, config.eval_every, config.warm_start_steps) == (20, 7, 60)
+    assert resolve_config(overrides={"preset": "tiny", "device": "cpu"}).warm_start_steps == 120  # no --steps
+
+
+def test_explicit_warm_start_too_long_names_the_flag():
+    with pytest.raises(ConfigError, match=r"warm_start_steps \(120\) must be < steps \(60\).*--warm-start-steps"):
+        resolve_config(overrides={"preset": "tiny", "steps": 60, "warm_start_steps": 120, "device": "cpu"})
+
+
+def test_cli_train_preset_with_fewer_steps_validates(tmp_path, capsys):
+    # no data: the run fails on the data directory, i.e. after the schedule was accepted
+    from relora.cli import main
+
+    assert main(["train", "--preset", "tiny", "--steps", "60", "--data", str(tmp_path / "none"),
+                 "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "warm_start_steps" not in err.splitlines()[-1] and "none" in err.splitlines()[-1]
+    assert main(["train", "--preset", "tiny", "--steps", "60", "--warm-start-steps", "120",
+                 "--out", str(tmp_path / "run2"), "--device", "cpu", "--no-progress"]) == 2
+    assert "--warm-start-steps" in capsys.readouterr().err
