@@ -281,7 +281,7 @@ def _default_corpus(config, *, progress: bool) -> Path:
     atomically, so waiting for its meta.json is enough.)
     """
     from relora.data import prepare_default_corpus
-    from relora.data.store import default_data_dir
+    from relora.data.preparation import default_data_dir
     from relora.errors import ConfigError
     from relora.run.distributed import env_rank
 

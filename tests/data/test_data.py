@@ -19,7 +19,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from transformers import AutoTokenizer
 
-import relora.data.store as store
+import relora.data.preparation as prepare_module
 from relora.data import (
     PreparedData,
     TokenWindows,
@@ -347,7 +347,7 @@ def test_failure_mid_way_leaves_nothing(
 
         return encode
 
-    monkeypatch.setattr(store, "batch_encoder", failing_encoder)
+    monkeypatch.setattr(prepare_module, "batch_encoder", failing_encoder)
     with pytest.raises(RuntimeError, match="injected"):
         prepare([corpus], out, seed=7, overwrite=True, **kw)
     assert snapshot(tmp_path) == before
