@@ -176,20 +176,15 @@ def save_checkpoint(
     """
     sharded = dist is not None and dist.sharded
     main = dist is None or dist.is_main
-    from relora.core.adapters import (
-        merge_residuals,  # peft: only when saving, not for readers of run directories
-    )
+    from relora.core.adapters import merge_residuals  # peft: only when saving, not for readers of run directories
 
     rngs = gather_rng_states(dist)  # collectives first, on every rank
     residuals = merge_residuals(model)
     final = checkpoints_dir / f"step_{step}"
     tmp = None
     if main:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(checkpoints_dir)
-        check_free_space(checkpoints_dir, estimate_bytes(model, {**states, "residuals": residuals},
-                                                          optimizer if sharded else None))
-        tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
+        tmp = _new_temporary(checkpoints_dir, step, estimate_bytes(model, {**states, "residuals": residuals},
+                                                                   optimizer if sharded else None))
     if sharded:
         tmp = dist.broadcast_object(tmp)
     try:
@@ -200,14 +195,7 @@ def save_checkpoint(
             if not sharded:
                 # save_model stores tied weights (GPT-2's head is its embedding) once; save_file refuses them.
                 save_model(model, str(tmp / "model.safetensors"))
-            masters = master_state(model)
-            if masters:  # what a quantized run's weights really are: resume needs them, not only the codes
-                save_file({k: v.contiguous() for k, v in masters.items()}, str(tmp / MASTER_WEIGHTS))
-            if residuals:  # bf16 frozen weights: what the merges could not store in them
-                save_file({k: v.contiguous() for k, v in residuals.items()}, str(tmp / MERGE_RESIDUALS))
-            torch.save({**states, "rng": rngs}, tmp / "states.pt")
-            _write_json(tmp / "trainer_state.json", trainer_state)
-            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            _write_states(tmp, model, {**states, "rng": rngs}, residuals, trainer_state, config)
             _fsync_tree(tmp)
             _write_json(tmp / MARKER, {"step": step, "sha256": _checksums(tmp)})
             apply_umask_modes(tmp)
@@ -224,6 +212,27 @@ def save_checkpoint(
     if dist is not None:
         dist.barrier()  # nobody reads or prunes checkpoints while rank 0 is still renaming
     return final
+
+
+def _new_temporary(checkpoints_dir: Path, step: int, needed_bytes: int) -> Path:
+    """A fresh temporary directory for step ``step``'s checkpoint, once the space for it is known to be there."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(checkpoints_dir)
+    check_free_space(checkpoints_dir, needed_bytes)
+    return Path(tempfile.mkdtemp(prefix=f".step_{step}.tmp-", dir=checkpoints_dir))
+
+
+def _write_states(tmp: Path, model: nn.Module, states: dict[str, Any], residuals: dict[str, torch.Tensor],
+                  trainer_state: dict, config: dict) -> None:
+    """Everything of a checkpoint but the weights: master weights, merge residuals, states.pt, JSON, config."""
+    masters = master_state(model)
+    if masters:  # what a quantized run's weights really are: resume needs them, not only the codes
+        save_file({k: v.contiguous() for k, v in masters.items()}, str(tmp / MASTER_WEIGHTS))
+    if residuals:  # bf16 frozen weights: what the merges could not store in them
+        save_file({k: v.contiguous() for k, v in residuals.items()}, str(tmp / MERGE_RESIDUALS))
+    torch.save(states, tmp / "states.pt")
+    _write_json(tmp / "trainer_state.json", trainer_state)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
