@@ -331,19 +331,8 @@ def predict(model: nn.Module, tokenizer: object, ids: list[list[int]], batch_siz
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.data`` and write ``metrics.json`` and ``model/`` into ``cfg.out``."""
     cfg.validate()
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output directory {out} is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"output directory {out} is not empty; choose another --out")
-    train_examples = read_examples(cfg.data, cfg.text_columns, cfg.label_column)
-    if cfg.val_file:
-        val_examples = read_examples(cfg.val_file, cfg.text_columns, cfg.label_column)
-    else:
-        train_examples, val_examples = split_examples(train_examples, cfg.val_fraction, cfg.seed)
-    names = label_names(train_examples.labels)
-    if len(names) < 2:
-        raise ConfigError(f"{cfg.data}: every training example has label {names[0]!r}; a classifier needs two or more")
+    out = _empty_output(Path(cfg.out))
+    train_examples, val_examples, names = _labelled_examples(cfg)
     train_labels = encode_labels(train_examples.labels, names, str(cfg.data))
     val_labels = encode_labels(val_examples.labels, names, str(cfg.val_file or cfg.data))
 
@@ -355,18 +344,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     train_ids = tokenize(tokenizer, train_examples, cfg.max_length)
     val_ids = tokenize(tokenizer, val_examples, cfg.max_length)
 
-    steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = math.ceil(len(train_ids) / cfg.batch_size) * cfg.epochs
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     controller = ReLoRA(model, optimizer, relora_cfg, start_step=0, total_steps=total_steps)
-    restart_steps = controller.restart_steps() if cfg.method == "relora" else []
-    if cfg.method == "relora" and not restart_steps:
-        logger.warning("relora: %d steps in all, reset_every %d: no restart will happen; lower --reset-every",
-                       total_steps, cfg.reset_every)
-    scheduler = jagged_cosine_scheduler(optimizer, total_steps=total_steps,
-                                        warmup_steps=round(cfg.warmup_fraction * total_steps),
-                                        restart_steps=restart_steps,
-                                        restart_warmup_steps=relora_cfg.restart_warmup_steps)
+    scheduler = _schedule(cfg, optimizer, controller, total_steps)
     trainable, total = count_parameters(model)
     logger.info("finetune %s: %d train / %d val examples, %d classes, %d steps, %s trainable of %s parameters",
                 cfg.method, len(train_ids), len(val_ids), len(names), total_steps, f"{trainable:,}", f"{total:,}")
@@ -407,3 +388,38 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     })
     return FinetuneResult(out=out, metrics=metrics, history=history, restarts=controller.restarts,
                           merges=controller.merges)
+
+
+def _empty_output(out: Path) -> Path:
+    """``out`` if it is absent or an empty directory: fine-tuning never writes into a user's files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {out} is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output directory {out} is not empty; choose another --out")
+    return out
+
+
+def _labelled_examples(cfg: FinetuneConfig) -> tuple[Examples, Examples, list[str]]:
+    """Train and validation examples (a file each, or a split of one) and the label names, sorted."""
+    train_examples = read_examples(cfg.data, cfg.text_columns, cfg.label_column)
+    if cfg.val_file:
+        val_examples = read_examples(cfg.val_file, cfg.text_columns, cfg.label_column)
+    else:
+        train_examples, val_examples = split_examples(train_examples, cfg.val_fraction, cfg.seed)
+    names = label_names(train_examples.labels)
+    if len(names) < 2:
+        raise ConfigError(f"{cfg.data}: every training example has label {names[0]!r}; a classifier needs two or more")
+    return train_examples, val_examples, names
+
+
+def _schedule(cfg: FinetuneConfig, optimizer: torch.optim.Optimizer, controller: ReLoRA,
+              total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The jagged cosine with the controller's restarts (none for LoRA), warned about when relora gets none."""
+    restart_steps = controller.restart_steps() if cfg.method == "relora" else []
+    if cfg.method == "relora" and not restart_steps:
+        logger.warning("relora: %d steps in all, reset_every %d: no restart will happen; lower --reset-every",
+                       total_steps, cfg.reset_every)
+    return jagged_cosine_scheduler(optimizer, total_steps=total_steps,
+                                   warmup_steps=round(cfg.warmup_fraction * total_steps),
+                                   restart_steps=restart_steps,
+                                   restart_warmup_steps=controller.config.restart_warmup_steps)
