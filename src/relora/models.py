@@ -21,8 +21,8 @@ import yaml
 from packaging.version import Version
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from relora.core.frozen_storage import logical_numel
 from relora.errors import ConfigError
-from relora.integrations.quantize import logical_numel
 
 logger = logging.getLogger(__name__)
 
