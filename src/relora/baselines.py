@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from relora.core.adapters import find_targets
-from relora.core.pruning import decay_groups
+from relora.core.weight_decay import decay_groups
 from relora.errors import ConfigError
 from relora.run.config import PROJECTION_METHODS, TrainConfig
 
