@@ -2,7 +2,7 @@
 
 Builds each preset's model once per method, takes one optimizer step on random
 tokens (the state's size does not depend on the data) and sums the tensors the
-optimizer holds (``relora.core.pruning.optimizer_state_bytes``). ReLoRA is measured in
+optimizer holds (``relora.core.optimizer_state.optimizer_state_bytes``). ReLoRA is measured in
 its adapter phase; its full-rank warm start holds AdamW's state (the ``full``
 row). With ``--repeats N`` it then times N more steps of each method on one
 micro-batch of the preset, round-robin across methods so that load from other
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from relora.core.adapters import wrap
-from relora.core.pruning import optimizer_state_bytes
+from relora.core.optimizer_state import optimizer_state_bytes
 from relora.run.config import TrainConfig, resolve_config
 from relora.run.evaluation import lm_loss
 from relora.train import build_phase, make_model

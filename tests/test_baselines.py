@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from relora.baselines import projection_settings
 from relora.cli import _set_lr, main
 from relora.core.adapters import find_targets
-from relora.core.pruning import optimizer_state_bytes
+from relora.core.optimizer_state import optimizer_state_bytes
 from relora.data import TokenWindows, load_prepared
 from relora.run import checkpoint as ckpt
 from relora.run.config import resolve_config

@@ -27,12 +27,17 @@ _EXPORTS = {  # public name -> the module that defines it
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
+# Storage backends of frozen weights register themselves with relora.core when imported: with them loaded,
+# relora.wrap(model, ReLoRAConfig(quantize="nf4")) finds its backend (bitsandbytes itself loads only then).
+_BACKENDS = ("relora.integrations.quantize",)
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'relora' has no attribute {name!r}")
+    for backend in _BACKENDS:
+        importlib.import_module(backend)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

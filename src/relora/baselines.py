@@ -22,22 +22,40 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from relora.core.adapters import find_targets
-from relora.core.pruning import decay_groups
+from relora.core.weight_decay import decay_groups
 from relora.errors import ConfigError
-from relora.run.config import PROJECTION_METHODS, TrainConfig
 
 logger = logging.getLogger(__name__)
 
+# Full-rank weights, low-rank optimizer state: the published GaLore / APOLLO optimizers.
+PROJECTION_METHODS = ("galore", "apollo", "apollo-mini")
 EXTRA = "pip install 'relora[baselines]'"
 
 # GaLore's ranks by model width (GaLore paper Table 2 and its benchmark_c4 scripts: 60M 128, 130M 256,
 # 350M 256, 1B 512); APOLLO's scripts use the same. Other widths: a quarter of the width, the 60M/350M/1B ratio.
 PAPER_RANKS = {512: 128, 768: 256, 1024: 256, 2048: 512}
+
+
+class ProjectionConfig(Protocol):
+    """The settings of a run that this module reads (``relora.run.config.TrainConfig`` has them all)."""
+
+    method: str  # one of PROJECTION_METHODS
+    proj_rank: int | None  # None: the method's published rank
+    update_proj_gap: int
+    proj_scale: float | None  # None: the method's published scale
+    scale_front: bool | None  # None: on for apollo-mini only
+    target_modules: list[str] | None  # the matrices to project: those ReLoRA would wrap
+    weight_decay: float
+    beta1: float
+    beta2: float
+
+    def peak_lr(self, wrapped: bool) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +82,7 @@ def default_rank(hidden_size: int) -> int:
     return PAPER_RANKS.get(hidden_size, max(1, hidden_size // 4))
 
 
-def projection_settings(cfg: TrainConfig, hidden_size: int) -> ProjectionSettings:
+def projection_settings(cfg: ProjectionConfig, hidden_size: int) -> ProjectionSettings:
     """The published defaults of ``cfg.method``, overridden by the config's proj_* fields.
 
     GaLore: rank by width, scale 0.25, gap 200 (benchmark_c4 scripts). APOLLO:
@@ -112,7 +130,7 @@ def projected_parameters(model: nn.Module, target_modules: list[str] | None = No
     return [modules[name].weight for name in find_targets(model, target_modules)]
 
 
-def build_projection_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_projection_optimizer(cfg: ProjectionConfig, model: nn.Module) -> torch.optim.Optimizer:
     """GaLoreAdamW or APOLLOAdamW over the model: projected matrices in one group, the rest in a plain one."""
     settings = projection_settings(cfg, model.config.hidden_size)
     projected = [p for p in projected_parameters(model, cfg.target_modules) if p.requires_grad]

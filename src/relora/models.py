@@ -21,8 +21,8 @@ import yaml
 from packaging.version import Version
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from relora.core.frozen_storage import logical_numel
 from relora.errors import ConfigError
-from relora.integrations.quantize import logical_numel
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,9 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(logical_numel(p) for p in params)
 
 
-def _linear_shapes(cfg: LlamaConfig | SimpleNamespace) -> list[tuple[int, int, bool]]:
-    """(in, out, has_bias) of the linear maps of one decoder layer: the ones ReLoRA wraps."""
+def decoder_linear_shapes(cfg: LlamaConfig | SimpleNamespace) -> list[tuple[int, int, bool]]:
+    """(in, out, has_bias) of the linear maps of one decoder layer (q, k, v, o, gate, up, down): the ones ReLoRA
+    wraps; computed from the config, without building a model (the cost model and the control-model search)."""
     h, inter = cfg.hidden_size, cfg.intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
     q = cfg.num_attention_heads * head_dim
@@ -143,8 +144,9 @@ def _linear_shapes(cfg: LlamaConfig | SimpleNamespace) -> list[tuple[int, int, b
     return [(h, q, ab), (h, kv, ab), (h, kv, ab), (q, h, ab), (h, inter, mb), (h, inter, mb), (inter, h, mb)]
 
 
-def _always_trained(cfg: LlamaConfig | SimpleNamespace) -> int:
-    """Parameters trained at full rank by every method: embeddings, head, norms."""
+def embedding_head_norm_parameters(cfg: LlamaConfig | SimpleNamespace) -> int:
+    """Parameters of the input embedding, the output head (unless tied) and the norms: what every method trains
+    at full rank."""
     h = cfg.hidden_size
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
     return cfg.vocab_size * h + head + (2 * cfg.num_hidden_layers + 1) * h
@@ -152,8 +154,8 @@ def _always_trained(cfg: LlamaConfig | SimpleNamespace) -> int:
 
 def _dense_parameters(cfg: LlamaConfig | SimpleNamespace) -> int:
     """Total parameters of a LlamaForCausalLM built from ``cfg`` (without building it)."""
-    layer = sum(i * o + (o if bias else 0) for i, o, bias in _linear_shapes(cfg))
-    return _always_trained(cfg) + cfg.num_hidden_layers * layer
+    layer = sum(i * o + (o if bias else 0) for i, o, bias in decoder_linear_shapes(cfg))
+    return embedding_head_norm_parameters(cfg) + cfg.num_hidden_layers * layer
 
 
 def relora_trainable_parameters(model_cfg: dict, vocab_size: int, rank: int) -> int:
@@ -163,8 +165,8 @@ def relora_trainable_parameters(model_cfg: dict, vocab_size: int, rank: int) -> 
     for each wrapped linear map (q, k, v, o, gate, up, down; spec section 2).
     """
     cfg = llama_config(model_cfg, vocab_size, 1)
-    per_layer = sum(rank * (i + o) + (o if bias else 0) for i, o, bias in _linear_shapes(cfg))
-    return _always_trained(cfg) + cfg.num_hidden_layers * per_layer
+    per_layer = sum(rank * (i + o) + (o if bias else 0) for i, o, bias in decoder_linear_shapes(cfg))
+    return embedding_head_norm_parameters(cfg) + cfg.num_hidden_layers * per_layer
 
 
 def _intermediate_for(hidden: int) -> int:

@@ -35,8 +35,9 @@ from relora.core.adapters import (
     wrap,
 )
 from relora.core.controller import ReLoRA
-from relora.core.pruning import decay_groups, optimizer_state_bytes
+from relora.core.optimizer_state import optimizer_state_bytes
 from relora.core.schedule import jagged_cosine_scheduler
+from relora.core.weight_decay import decay_groups
 from relora.data import TokenWindows, load_prepared
 from relora.errors import ConfigError, DivergedError
 from relora.fileio import ownership, swap_dir, write_json_atomic, write_text_atomic

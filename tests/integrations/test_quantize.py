@@ -267,7 +267,7 @@ def test_cli_export_of_a_quantized_checkpoint_is_dense(prepared_data, tmp_path, 
 
 
 def test_ddp_with_nf4_and_master_weights_matches_one_process(prepared_data, tmp_path):
-    from test_distributed import SETTINGS, torchrun
+    from run.test_distributed import SETTINGS, torchrun  # tests/run/test_distributed.py
 
     flags = ["--quantize", "nf4", "--master-weights", "cpu"]
     done = torchrun(tmp_path, prepared_data, tmp_path / "ddp", *flags)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from transformers import LlamaConfig
 
 from relora.integrations.quantize import frozen_bytes_per_weight
-from relora.models import _always_trained, _linear_shapes
+from relora.models import decoder_linear_shapes, embedding_head_norm_parameters
 
 ADAM_STATE_FACTOR = 2  # exp_avg and exp_avg_sq
 
@@ -49,7 +49,7 @@ class CostModel:
     @property
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(d_in, d_out) of the wrapped maps of one layer: q, k, v, o, gate, up, down."""
-        return [(i, o) for i, o, _ in _linear_shapes(self.config)]
+        return [(i, o) for i, o, _ in decoder_linear_shapes(self.config)]
 
     # ---------------------------------------------------------------- parameters
     @property
@@ -59,12 +59,12 @@ class CostModel:
 
     @property
     def bias_params(self) -> int:
-        return self.layers * sum(o for i, o, bias in _linear_shapes(self.config) if bias)
+        return self.layers * sum(o for i, o, bias in decoder_linear_shapes(self.config) if bias)
 
     @property
     def other_params(self) -> int:
         """Embeddings, head, norms, biases: trained at full rank by every method."""
-        return _always_trained(self.config) + self.bias_params
+        return embedding_head_norm_parameters(self.config) + self.bias_params
 
     @property
     def adapter_params(self) -> int:

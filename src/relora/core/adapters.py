@@ -11,19 +11,16 @@ neither is deterministic across data-parallel ranks, hence the code below.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
-# before peft, which imports bitsandbytes when installed: quantize quiets a warning bitsandbytes logs on import
-from relora.core import sharding
-
-from relora.integrations import quantize  # isort: skip
-from peft import LoraConfig, inject_adapter_in_model  # isort: skip
-from peft.tuners.lora import LoraLayer  # isort: skip
-
+from relora.core import frozen_storage, sharding
 from relora.core.config import ReLoRAConfig
 
 ADAPTER = "default"
@@ -82,7 +79,7 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def base_weight(layer: LoraLayer) -> torch.Tensor:
-    """The frozen weight W of a wrapped layer (float storage; quantized layers go through ``quantize``)."""
+    """The frozen weight W of a wrapped layer (float storage; quantized layers go through ``frozen_storage``)."""
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
@@ -117,8 +114,9 @@ def merge_layer(layer: LoraLayer, scale: float | None = None) -> None:
     float32 and re-quantized.
     ``scale`` replaces s (``delta_weight``; only the reference defect ``unscaled-merge``).
     """
-    if quantize.is_quantized(layer.get_base_layer()):
-        quantize.merge_(layer.get_base_layer(), delta_weight(layer, scale))
+    storage = frozen_storage.backend_of(layer.get_base_layer())
+    if storage is not None:
+        storage.merge_(layer.get_base_layer(), delta_weight(layer, scale))
         return
     weight = base_weight(layer)
     part = sharding.local(weight)
@@ -218,8 +216,9 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
     Base weights of wrapped layers are frozen (no weight gradient is computed:
     ReLoRA's compute saving). Every other parameter keeps the trainability it
     had: embeddings, norms, head and biases train at full rank. With
-    ``config.quantize`` the base weights are first stored in NF4 or int8, and
-    peft wraps them with its quantized LoRA layers.
+    ``config.quantize`` the base weights are first stored in NF4 or int8 (by
+    the storage backend registered for it, ``relora.integrations.quantize``),
+    and peft wraps them with its quantized LoRA layers.
     """
     targets = find_targets(model, config.target_modules)
     if not targets:
@@ -229,8 +228,9 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("model is already wrapped with LoRA adapters; call relora.unwrap(model) first")
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    if config.quantize:
-        quantize.quantize_linears(model, targets, config.quantize, master_weights=config.master_weights)
+    storage = frozen_storage.backend_for(config.quantize) if config.quantize else None
+    if storage is not None:
+        storage.convert(model, targets, config.quantize, master_weights=config.master_weights)
     lora_config = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
@@ -239,7 +239,7 @@ def wrap(model: nn.Module, config: ReLoRAConfig) -> nn.Module:
         bias="none",
         init_lora_weights=True,
     )
-    with quantize.peft_sees_quantized(model, config.quantize):
+    with storage.injecting(model, config.quantize) if storage is not None else contextlib.nullcontext():
         inject_adapter_in_model(lora_config, model, adapter_name=ADAPTER)
     # peft froze everything but the adapters; restore the rest.
     for name, param in model.named_parameters():
@@ -323,9 +323,10 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(module, LoraLayer):
             continue
         base = module.get_base_layer()
-        if quantize.is_quantized(base):  # the float32 sum, not rounded to the storage format
+        storage = frozen_storage.backend_of(base)
+        if storage is not None:  # the float32 sum, not rounded to the storage format
             delta = delta_weight(module).to(base.weight.device)
-            base = quantize.to_linear(base, quantize.dense_weight(base) + delta)
+            base = storage.to_dense(base, storage.dense_weight(base) + delta)
         elif base_weight(module).dtype != torch.float32:  # bf16 storage: export the float32 sum, unrounded
             weight = base_weight(module).float() + delta_weight(module).to(base.weight.device)
             residual = merge_residual(module)
@@ -351,14 +352,15 @@ def decay_frozen_(model: nn.Module, factor: float) -> None:
     """W <- factor * W for every wrapped layer's frozen weight, in place: AdamW's decoupled weight decay
     (factor = 1 - lr * weight_decay), which W, not being a parameter the optimizer steps, would never get.
 
-    Float32 weights (sharded or not) are scaled directly; quantized ones through their scales, which
-    scales the stored weight exactly (``quantize.scale_``). Weights stored in a lower precision are
-    refused: a factor this close to 1 would round away.
+    Float32 weights (sharded or not) are scaled directly; quantized ones by their storage backend, through
+    their scales, which scales the stored weight exactly. Weights stored in a lower precision are refused:
+    a factor this close to 1 would round away.
     """
     for layer in lora_layers(model):
         base = layer.get_base_layer()
-        if quantize.is_quantized(base):
-            quantize.scale_(base, factor)
+        storage = frozen_storage.backend_of(base)
+        if storage is not None:
+            storage.scale_(base, factor)
             continue
         weight = base_weight(layer)
         if weight.dtype != torch.float32:

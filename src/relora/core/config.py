@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from relora.core.pruning import PRUNE_METHODS, RESTART_ADAM_STEPS
-
+PRUNE_METHODS = ("magnitude", "random", "full", "none", "independent")  # relora.core.pruning
+# Adam's step counter after a prune (spec section 4): "keep" (paper, reference code) or "reset".
+RESTART_ADAM_STEPS = ("keep", "reset")
 FROZEN_DTYPES = ("float32", "bfloat16")
 QUANT_TYPES = ("nf4", "int8")  # storage formats of relora.integrations.quantize (bitsandbytes)
 MASTER_WEIGHTS = ("cpu",)

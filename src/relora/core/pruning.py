@@ -6,15 +6,9 @@ reference code) leaves "orphan" entries with m != 0 and v == 0; right after a
 re-init A's gradient is exactly zero, so Adam's update there is m / eps, about
 1e8 times m, and the loss blows up at the restart (measured: spec section 4).
 
-Which state is pruned. An optimizer's per-parameter state is recognised by its
-keys ("layouts"): Adam's ``exp_avg`` / ``exp_avg_sq`` (+ AMSGrad's
-``max_exp_avg_sq``), bitsandbytes' ``state1`` / ``state2`` (32-bit, or 8-bit
-codes with their block scales), and Adafactor's factored second moment
-(torch: ``row_var`` / ``col_var``; transformers: ``exp_avg_sq_row`` /
-``exp_avg_sq_col``, with an optional ``exp_avg``). Any other state (SGD
-momentum, Lion, a custom optimizer) is refused with a ValueError, because a
-restart that silently prunes nothing looks like a healthy run (spec section 4).
-``check_prunable`` finds this out before training starts.
+Which state is pruned, for which optimizers (Adam/AdamW and AMSGrad,
+bitsandbytes 8-bit, Adafactor), is ``relora.core.optimizer_state``; any other
+state is refused. ``check_prunable`` finds this out before training starts.
 """
 
 from __future__ import annotations
@@ -22,32 +16,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from relora.core import sharding
+from relora.core.config import PRUNE_METHODS
+from relora.core.optimizer_state import StateLayout, state_layout, unprunable
 
 logger = logging.getLogger(__name__)
-
-PRUNE_METHODS = ("magnitude", "random", "full", "none", "independent")
-# Adam's step counter after a prune (spec section 4): "keep" (paper, reference code) or "reset".
-RESTART_ADAM_STEPS = ("keep", "reset")
-
-# Per-entry layouts: (first moment or None, second moment, other second-moment-like tensors pruned with it).
-_PER_ENTRY = (
-    ("exp_avg", "exp_avg_sq", ("max_exp_avg_sq",)),  # torch Adam/AdamW (AMSGrad); transformers Adafactor, 1-D
-    ("state1", "state2", ()),  # bitsandbytes Adam/AdamW (8-bit, paged, 32-bit)
-    (None, "variance", ()),  # torch Adafactor, 1-D
-    (None, "exp_avg_sq", ()),  # transformers Adafactor without beta1, 1-D
-)
-# Factored second moment, v_ij ~ row_i * col_j / mean(row): (first moment or None, row, col).
-_FACTORED = (
-    (None, "row_var", "col_var"),  # torch.optim.Adafactor
-    ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"),  # transformers.optimization.Adafactor
-)
-_SCALES = ("qmap1", "qmap2", "absmax1", "absmax2")  # bitsandbytes 8-bit: code maps and block scales
 
 
 def keep_count(numel: int, ratio: float) -> int:
@@ -74,118 +51,14 @@ def _random_mask(shape: torch.Size, ratio: float, generator: torch.Generator | N
     return torch.rand(shape, generator=generator) >= ratio
 
 
-@dataclass
-class _Moment:
-    """One per-entry state tensor; 8-bit bitsandbytes codes are read through their code map and block scales."""
-
-    tensor: torch.Tensor
-    qmap: torch.Tensor | None = None
-    absmax: torch.Tensor | None = None
-
-    def values(self) -> torch.Tensor:
-        """The moment as numbers (dequantized for 8-bit codes)."""
-        if self.qmap is None:
-            return self.tensor
-        codes = self.qmap[self.tensor.long()]
-        if self.absmax is None:  # one scale per tensor: the code order is the value order
-            return codes
-        flat = codes.flatten()
-        block = _block_size(flat.numel(), self.absmax.numel())
-        scales = self.absmax.repeat_interleave(block)[: flat.numel()]
-        return (flat * scales).view_as(codes)
-
-    def keep_only(self, mask: torch.Tensor) -> None:
-        """Zero the entries outside ``mask``, in place (an 8-bit entry gets the code of exactly 0)."""
-        if self.qmap is None:
-            # masked_fill, not a multiply: an inf or nan in a pruned entry must become 0 too
-            sharding.local(self.tensor).masked_fill_(~sharding.local_part(mask, self.tensor), 0)
-            return
-        zero = (self.qmap == 0).nonzero().flatten()
-        self.tensor[~mask.to(self.tensor.device)] = zero[0].to(self.tensor.dtype)
-
-
-def _block_size(numel: int, blocks: int) -> int:
-    """bitsandbytes' block size (a power of two) from the number of block scales it keeps."""
-    size = 1
-    while -(-numel // size) > blocks:
-        size *= 2
-    return size
-
-
-@dataclass
-class _Layout:
-    """Where a parameter's prunable state is, and how it is read."""
-
-    first: _Moment | None = None
-    second: _Moment | None = None
-    others: list[_Moment] = field(default_factory=list)  # pruned with the second moment's mask (AMSGrad)
-    row: torch.Tensor | None = None  # factored second moment
-    col: torch.Tensor | None = None
-
-    @property
-    def factored(self) -> bool:
-        return self.row is not None
-
-
-def _refuse(optimizer: torch.optim.Optimizer, state: dict, why: str) -> ValueError:
-    keys = ", ".join(sorted(map(str, state))) or "none"
-    return ValueError(
-        f"cannot prune the optimizer state of {type(optimizer).__name__} (state keys: {keys}): {why}; "
-        "ReLoRA's optimizer reset knows Adam/AdamW (also AMSGrad, fused), bitsandbytes (8-bit/paged) Adam/AdamW "
-        "and Adafactor (torch, transformers). Use one of them, or prune='none' to restart without a reset"
-    )
-
-
-def _layout(optimizer: torch.optim.Optimizer, state: dict, param: torch.Tensor) -> _Layout:
-    """The prunable state of one parameter; ValueError for state relora does not know (spec section 4)."""
-    known: set[str] = {"step"}
-    layout = _Layout()
-    for first, second, others in _PER_ENTRY:
-        if second in state and (first is None or first in state):
-            quantized = state[second].dtype == torch.uint8
-            if quantized and sharding.is_sharded(state[second]):
-                raise _refuse(optimizer, state, "8-bit state sharded with FSDP is not supported")
-
-            def moment(key: str, i: int) -> _Moment:
-                if state[key].dtype != torch.uint8:
-                    return _Moment(state[key])
-                if f"qmap{i}" not in state or not bool((state[f"qmap{i}"] == 0).any()):
-                    raise _refuse(optimizer, state, f"8-bit {key} without a code for 0")
-                return _Moment(state[key], state[f"qmap{i}"], state.get(f"absmax{i}"))
-
-            layout.second = moment(second, 2)
-            layout.first = moment(first, 1) if first is not None else None
-            layout.others = [_Moment(state[k]) for k in others if k in state]
-            known |= {second, *others, *([first] if first else []), *_SCALES}
-            break
-    else:
-        for first, row, col in _FACTORED:
-            if row in state and col in state:
-                if param.dim() != 2 or any(sharding.is_sharded(state[k]) for k in (row, col)):
-                    raise _refuse(optimizer, state, "a factored second moment is pruned for matrices only, unsharded")
-                layout.row, layout.col = state[row], state[col]
-                layout.first = _Moment(state[first]) if first is not None and first in state else None
-                known |= {row, col, *([first] if first else [])}
-                break
-    if layout.second is None and layout.row is None:
-        raise _refuse(optimizer, state, "it has no second moment relora knows how to prune")
-    tensors = [layout.first, layout.second, *layout.others]
-    if any(m is not None and m.tensor.shape != param.shape for m in tensors):
-        raise _refuse(optimizer, state, "its moments are not shaped like the parameter")
-    unknown = [k for k, v in state.items() if k not in known and torch.is_tensor(v) and v.numel() > 1]
-    if unknown:  # a third moment left unpruned would keep the old state alive
-        raise _refuse(optimizer, state, f"it holds per-entry state relora would not prune ({', '.join(unknown)})")
-    return layout
-
-
-def _check_method(optimizer: torch.optim.Optimizer, layout: _Layout, method: str, state: dict,
+def _check_method(optimizer: torch.optim.Optimizer, layout: StateLayout, method: str, state: dict,
                   independent_masks: bool = False) -> None:
     if method == "independent" and layout.factored:
-        raise _refuse(optimizer, state, "prune='independent' ranks two per-entry moments separately and a factored "
-                                        "second moment has none; use magnitude, random or full")
+        raise unprunable(optimizer, state, "prune='independent' ranks two per-entry moments separately and a "
+                                           "factored second moment has none; use magnitude, random or full")
     if independent_masks and method == "random" and layout.factored:
-        raise _refuse(optimizer, state, "the reference defect independent-masks masks two per-entry moments "
-                                        "separately and a factored second moment has none")
+        raise unprunable(optimizer, state, "the reference defect independent-masks masks two per-entry moments "
+                                           "separately and a factored second moment has none")
 
 
 def _check_managed(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
@@ -209,7 +82,7 @@ def _count_zero(tensors: list[torch.Tensor]) -> int:
     return int(total.full_tensor() if sharding.is_sharded(total) else total)
 
 
-def _prune_per_entry(layout: _Layout, method: str, ratio: float, generator: torch.Generator | None,
+def _prune_per_entry(layout: StateLayout, method: str, ratio: float, generator: torch.Generator | None,
                      independent_masks: bool = False) -> int:
     """One mask for every per-entry moment; returns the entries zero in all of them afterwards.
 
@@ -238,7 +111,7 @@ def _prune_per_entry(layout: _Layout, method: str, ratio: float, generator: torc
     return _count_zero([x.values() for x in (m, v, *layout.others) if x is not None])
 
 
-def _prune_factored(layout: _Layout, method: str, ratio: float, generator: torch.Generator | None) -> int:
+def _prune_factored(layout: StateLayout, method: str, ratio: float, generator: torch.Generator | None) -> int:
     """Keep a block of rows x columns of a factored second moment, and rescale it to stay consistent.
 
     Adafactor stores v_ij ~ row_i * col_j / mean(row). An entry-wise mask is
@@ -314,7 +187,7 @@ def prune_optimizer_state(
       code's rule; unstable, kept only to study it);
     - none: do nothing (any optimizer is accepted).
 
-    Per layout (module docstring): Adam's ``max_exp_avg_sq`` (AMSGrad) gets
+    Per layout (``relora.core.optimizer_state``): Adam's ``max_exp_avg_sq`` (AMSGrad) gets
     v's mask. bitsandbytes' 8-bit moments are ranked by their dequantized
     values (code map x block scale) and pruned by writing the code of exactly
     0; the block scales stay, so every kept entry keeps its value. A factored
@@ -354,7 +227,7 @@ def prune_optimizer_state(
         state = optimizer.state.get(param)
         if not state:
             continue
-        layout = _layout(optimizer, state, param)
+        layout = state_layout(optimizer, state, param)
         _check_method(optimizer, layout, method, state, independent_masks)
         if layout.factored:
             zeroed += _prune_factored(layout, method, ratio, generator)
@@ -397,7 +270,7 @@ def check_prunable(
         stated = [p for p in mine if optimizer.state.get(p)]
         for param in stated:
             state = optimizer.state[param]
-            _check_method(optimizer, _layout(optimizer, state, param), method, state, independent_masks)
+            _check_method(optimizer, state_layout(optimizer, state, param), method, state, independent_masks)
         if mine and not stated:
             biggest = max(mine, key=lambda p: p.numel())
             checked = probe and _probe(optimizer, group, biggest, method, independent_masks) and checked
@@ -419,63 +292,6 @@ def _probe(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor, m
         return False
     state = twin.state.get(twin_param)
     if not state:
-        raise _refuse(optimizer, {}, "it keeps no per-parameter state, so a restart would reset nothing")
-    _check_method(optimizer, _layout(optimizer, state, twin_param), method, state, independent_masks)
+        raise unprunable(optimizer, {}, "it keeps no per-parameter state, so a restart would reset nothing")
+    _check_method(optimizer, state_layout(optimizer, state, twin_param), method, state, independent_masks)
     return True
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes this process's optimizer state holds: every tensor reachable from ``optimizer.state``, measured.
-
-    The walk goes through dicts, lists, tuples and the attributes of other
-    objects, so the projection matrices that GaLore and APOLLO keep on a
-    projector object inside the state are counted with the moments. Each
-    storage is counted once and whole, views included: that is what stays
-    allocated (GaLore 1.0 keeps a slice of the full SVD factor, so it holds
-    min(m, n) x n, not r x n). Sharded (FSDP2) state counts the local shard.
-    """
-    seen: set[tuple[str, int]] = set()
-
-    def walk(value: object, depth: int) -> int:
-        if torch.is_tensor(value):
-            storage = sharding.local(value).untyped_storage()
-            key = (str(storage.device), storage.data_ptr())
-            if storage.nbytes() == 0 or key in seen:
-                return 0
-            seen.add(key)
-            return storage.nbytes()
-        if depth > 4:
-            return 0
-        if isinstance(value, dict):
-            return sum(walk(v, depth + 1) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(walk(v, depth + 1) for v in value)
-        if hasattr(value, "__dict__") and not isinstance(value, type):
-            return sum(walk(v, depth + 1) for v in vars(value).values())
-        return 0
-
-    return sum(walk(state, 0) for state in optimizer.state.values())
-
-
-def decay_groups(named: Iterable[tuple[str, torch.Tensor]], modules: dict[str, torch.nn.Module],
-                 weight_decay: float, **group: object) -> list[dict]:
-    """AdamW parameter groups: ``weight_decay`` for the matrices of linear maps, none for the rest.
-
-    Not decayed: biases and norm scales (one dimension: decaying them pulls a
-    layer's scale and offset to 0 for nothing), input and position embeddings
-    (``nn.Embedding``: a token seldom seen would only shrink; a choice, as
-    minGPT's), and the adapters' A. Decayed: every other matrix, the output
-    head (unless tied to the embedding) and the adapters' B. Decaying B and not
-    A shrinks the cycle's update s B A by exactly AdamW's factor (1 - lr wd);
-    with the frozen W decayed by the same factor (``adapters.decay_frozen_``),
-    W + s B A decays as a full-rank weight would. ``modules``: the model's
-    ``named_modules()``. Empty groups are left out; ``group`` is added to each.
-    """
-    decay, no_decay = [], []
-    for name, param in named:
-        owner = modules.get(name.rpartition(".")[0])
-        plain = param.ndim < 2 or isinstance(owner, torch.nn.Embedding) or ".lora_A." in name
-        (no_decay if plain else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay, **group},
-              {"params": no_decay, "weight_decay": 0.0, **group}]
-    return [g for g in groups if g["params"]]

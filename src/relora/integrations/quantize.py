@@ -21,24 +21,28 @@ Hand-written here rather than taken from peft or bitsandbytes:
   the same row-wise format (int8 codes, float32 row absmax ``SCB``) is
   computed here in float32, identically on CPU and GPU.
 NF4 quantization and dequantization use bitsandbytes' own kernels, with one
-fix on CPU (``_fix_cpu_nf4_dequantize``).
+fix on CPU (``relora.integrations.nf4_cpu_fix``).
+
+Importing this module registers it with the core as the storage backend of the
+formats nf4 and int8 (``relora.core.frozen_storage``): ``relora.wrap``, merges,
+weight decay, ``unwrap`` and parameter counts reach these layers through it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
-import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 from torch import nn
 
+from relora.core import DropMessages, frozen_storage
 from relora.core.config import QUANT_TYPES
 from relora.errors import BitsAndBytesMissing
+from relora.integrations.nf4_cpu_fix import fix_cpu_nf4_dequantize
 
 NF4_BLOCKSIZE = 64  # QLoRA's block size: one float32 absmax per 64 weights
 # LLM.int8()'s outlier threshold (transformers' default): input columns with a value above it are
@@ -48,21 +52,10 @@ INSTALL_HINT = "pip install 'relora[quantize]' (or: pip install bitsandbytes)"
 _MASTER = "relora_master_weight"
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-# Two bitsandbytes warnings that are no news to a user of this module, quieted before peft imports
-# bitsandbytes: at import on CPU, that an optional faster 4-bit inference kernel (downloaded from the
-# Hugging Face hub by the `kernels` package) is not there; and, at every int8 matmul of float32 inputs
-# (CUDA, and CPU in eval mode), that they are cast to float16, which is how LLM.int8() works.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("Failed to load CPU gemm_4bit_forward"))
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMessages("MatMul8bitLt: inputs will be cast"))
+# A bitsandbytes warning that is no news to a user of this module: at every int8 matmul of float32 inputs
+# (CUDA, and CPU in eval mode), that they are cast to float16, which is how LLM.int8() works. (The one
+# bitsandbytes logs at import, when peft imports it, is quieted by relora.core.)
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(DropMessages("MatMul8bitLt: inputs will be cast"))
 
 
 def require_bitsandbytes(quant_type: str = "nf4") -> ModuleType:
@@ -95,52 +88,6 @@ def _int8_scales(base: nn.Module) -> list[torch.Tensor]:
     return [s for s in (getattr(base.weight, "SCB", None), base.state.SCB) if s is not None]
 
 
-# ---------------------------------------------------------------- a bitsandbytes 0.50 CPU bug
-_CPU_FIX = {"done": False}
-
-
-def _fix_cpu_nf4_dequantize(bnb: ModuleType) -> None:
-    """Make bitsandbytes' CPU NF4 dequantization correct for weights whose rows are not whole blocks.
-
-    bitsandbytes 0.50.2 quantizes in blocks of 64 consecutive weights of the flattened matrix, but its
-    native CPU dequantization kernel assumes that blocks never straddle two rows: for a weight with
-    ``in_features`` not a multiple of 64 (the 60m preset's down_proj has 1376) it returns wrong values
-    (measured: errors of 3x the quantization error for a 64 x 96 weight) and every forward and merge on
-    CPU uses them. The CUDA kernel works on the flat index and is right. The fix re-registers the CPU
-    kernel to call the same native routine on whole blocks (a (numel / 64, 64) view, where its
-    assumption holds) and reshape; anything else goes to bitsandbytes' generic implementation, the one
-    its CPU kernel already falls back to for odd shapes.
-    """
-    if _CPU_FIX["done"]:
-        return
-    _CPU_FIX["done"] = True
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-    from bitsandbytes.backends.utils import _get_4bit_code
-    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
-
-    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary):  # no native library: the generic code runs anyway
-        return
-    native = {torch.float32: lib.cdequantize_blockwise_cpu_nf4_fp32, torch.bfloat16: lib.cdequantize_blockwise_cpu_nf4_bf16}
-    ptr = bnb.functional.get_ptr
-
-    def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, shape: list[int],
-                        dtype: torch.dtype) -> torch.Tensor:
-        A = A.view(torch.uint8) if A.dtype != torch.uint8 else A
-        n = math.prod(shape)
-        if quant_type != "nf4" or dtype not in native or n % blocksize or blocksize >= 2048:
-            code = _get_4bit_code(quant_type, A.device)
-            return _dequantize_4bit_compute.__wrapped__(A.reshape(-1), absmax, code, blocksize, shape, dtype)
-        A, absmax = A.contiguous(), absmax.float().contiguous()
-        out = torch.empty((n // blocksize, blocksize), dtype=dtype)
-        native[dtype](ptr(A), ptr(absmax), ptr(out), ctypes.c_longlong(blocksize), ctypes.c_longlong(n // blocksize),
-                      ctypes.c_longlong(blocksize))
-        return out.reshape(shape)
-
-    with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
-
-
 # ---------------------------------------------------------------- building quantized layers
 _CONV1D = "relora_from_conv1d"  # set on a quantized layer made from a GPT-2 Conv1D: the export turns it back
 
@@ -155,7 +102,7 @@ def _linear_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _nf4_linear(linear: nn.Module, bnb: ModuleType) -> nn.Module:
-    _fix_cpu_nf4_dequantize(bnb)
+    fix_cpu_nf4_dequantize(bnb)
     weight = _linear_weight(linear)
     packed, state = bnb.functional.quantize_4bit(weight.float().contiguous(), blocksize=NF4_BLOCKSIZE,
                                                   compress_statistics=False, quant_type="nf4")
@@ -403,7 +350,15 @@ def storage_bytes(base: nn.Module) -> int:
     return base.weight.numel() * base.weight.element_size() + scales.numel() * scales.element_size()
 
 
-def logical_numel(param: torch.Tensor) -> int:
-    """Number of weights a parameter stands for (an NF4 tensor packs two per byte)."""
+def packed_numel(param: torch.Tensor) -> int | None:
+    """Number of weights an NF4 tensor stands for (two per byte); None for any other tensor."""
     state = getattr(param, "quant_state", None)
-    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else param.numel()
+    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else None
+
+
+# ---------------------------------------------------------------- the core's interface
+frozen_storage.register(frozen_storage.StorageBackend(
+    name="bitsandbytes", formats=QUANT_TYPES, owns=is_quantized, convert=quantize_linears,
+    injecting=peft_sees_quantized, dense_weight=dense_weight, merge_=merge_, scale_=scale_, to_dense=to_linear,
+    numel=packed_numel,
+))

@@ -17,14 +17,13 @@ from typing import Any
 
 import yaml
 
+from relora.baselines import PROJECTION_METHODS, optimizer_class
 from relora.core.config import FROZEN_DTYPES, ReLoRAConfig
 from relora.errors import ConfigError
 from relora.models import check_device, llama_config, load_preset
 
 METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora", "galore", "apollo", "apollo-mini")
 ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
-# Full-rank weights, low-rank optimizer state: the published GaLore / APOLLO optimizers (relora.baselines).
-PROJECTION_METHODS = ("galore", "apollo", "apollo-mini")
 
 # Changing these makes a checkpoint mean something else: a resume refuses them.
 RESUME_INCOMPATIBLE = (
@@ -171,8 +170,6 @@ class TrainConfig:
         if self.proj_scale is not None and not self.proj_scale > 0:
             raise ConfigError(f"proj_scale must be > 0, got {self.proj_scale!r}")
         if self.method in PROJECTION_METHODS:
-            from relora.baselines import optimizer_class
-
             optimizer_class(self.method)  # a missing extra fails here, before any data is read
         if self.method == "online-relora" and self.merge_every is None:
             raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
