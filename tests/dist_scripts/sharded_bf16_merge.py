@@ -1,6 +1,6 @@
 """bf16 merges with their rounding residual on FSDP2-style row shards == the same merges on one process.
 
-Run under torchrun (gloo, CPU) by tests/test_adapters.py. Every rank builds the same layer twice: one whole,
+Run under torchrun (gloo, CPU) by tests/core/test_adapters.py. Every rank builds the same layer twice: one whole,
 one whose frozen bf16 W is a DTensor sharded by rows. After merges of the same random updates the gathered
 sharded W and residual must equal the whole ones bit for bit, and a residual reloaded from its whole
 tensor must give each rank back its own slice. Rank 0 prints "ok".

@@ -1,4 +1,4 @@
-"""Run `relora train ARGS...` under torchrun with test probes (used by tests/test_distributed.py).
+"""Run `relora train ARGS...` under torchrun with test probes (used by tests/run/test_distributed.py).
 
 PROBE=checksums: after every merge, gather a checksum of every rank's weights and
 have rank 0 append them, one JSON list per merge, to $PROBE_OUT.

@@ -128,7 +128,7 @@ class CostModel:
         log-sum-exp (one per head); each adapter adds its r-wide A x. Once per
         model: logits' log-softmax (vocab), final norm and head input (3h), RoPE
         cos/sin (2 x head dim) and a few scalars. Checked against autograd's
-        saved-tensor hooks in tests/test_costs.py. With activation
+        saved-tensor hooks in tests/analysis/test_costs.py. With activation
         ``checkpointing`` each block keeps only its input (h), and one block at
         a time holds its full set while it is recomputed.
         """
