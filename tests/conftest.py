@@ -69,7 +69,7 @@ def without_test_split(prepared, dest):
 
 def run_config(data, out, **overrides):
     """A TrainConfig for a seconds-long run of a tiny model."""
-    from relora.run.config import resolve_config
+    from relora.run.resolve import resolve_config
 
     values = dict(model=TINY_MODEL, data=str(data), out=str(out), steps=40, warmup_steps=4,
                   warm_start_steps=10, reset_every=10, restart_warmup_steps=3, rank=4, alpha=8,

@@ -12,13 +12,13 @@ from conftest import TINY_MODEL, one_thread, run_config
 from safetensors.torch import load_file
 
 from relora.baselines import projection_settings
-from relora.cli import _set_lr, main
+from relora.cli import main
 from relora.core.adapters import find_targets
 from relora.core.optimizer_state import optimizer_state_bytes
 from relora.data import TokenWindows, load_prepared
 from relora.run import checkpoint as ckpt
-from relora.run.config import resolve_config
 from relora.run.evaluation import lm_loss
+from relora.run.resolve import resolve_config
 from relora.train import build_phase, make_model, train
 
 PROJECTION = ["galore", "apollo", "apollo-mini"]
@@ -167,7 +167,7 @@ def test_published_defaults_and_overrides(prepared_data, tmp_path):
         1, 128.0, "tensor", "random", True)
     cfg, custom = settings("60m", "apollo-mini", proj_rank=4, proj_scale=2.0, update_proj_gap=50, scale_front=False)
     assert (custom.rank, custom.scale, custom.update_proj_gap, custom.scale_front) == (4, 2.0, 50, False)
-    _set_lr(cfg, 3e-3)  # --lr of a projection method is its own LR; full-rank lr and relora_lr stay
+    cfg.set_peak_lr(3e-3)  # --lr of a projection method is its own LR; full-rank lr and relora_lr stay
     assert cfg.proj_lr == 3e-3 and cfg.lr == 1e-3 and cfg.peak_lr(False) == 3e-3
 
 
@@ -212,7 +212,7 @@ def test_compare_baselines_table_has_every_method(prepared_data, tmp_path, capsy
     assert yaml.safe_load((run["relora-no-warm-start"] / "config.yaml").read_text())["warm_start"] is False
     assert rows["galore"]["trainable_params"] == rows["full"]["trainable_params"] > rows["relora"]["trainable_params"]
     assert yaml.safe_load((run["apollo-mini"] / "config.yaml").read_text())["proj_rank"] == 1  # not RANK
-    assert f"| apollo-mini | 1 (projection) |" in table and f"| galore | {RANK} (projection) |" in table
+    assert "| apollo-mini | 1 (projection) |" in table and f"| galore | {RANK} (projection) |" in table
     state = {name: row["optimizer_state_bytes"] for name, row in rows.items()}
     assert state["apollo-mini"] < state["apollo"] < state["full"] and state["galore"] < state["full"]
     # GaLore's update lies in one rank-8 subspace per projection period (steps 8-9, 10-19, 20-23 after the reference)

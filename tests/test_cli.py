@@ -153,24 +153,73 @@ def test_console_script_runs_as_module():
 
 
 def test_restart_adam_step_flag_reaches_the_controller_config():
-    from relora.cli import _train_overrides, build_parser
-    from relora.run.config import resolve_config
+    from relora.cli import build_parser, train_overrides
+    from relora.run.resolve import resolve_config
 
     args = build_parser().parse_args(["train", "--restart-adam-step", "reset"])
-    assert resolve_config(overrides=_train_overrides(args)).relora_config().restart_adam_step == "reset"
+    assert resolve_config(overrides=train_overrides(args)).relora_config().restart_adam_step == "reset"
     assert resolve_config().relora_config().restart_adam_step == "keep"
 
 
 def test_reference_defects_flag_reaches_train_and_compare_configs():
-    from relora.cli import _train_overrides, build_parser
-    from relora.run.config import resolve_config
+    from relora.cli import build_parser, train_overrides
+    from relora.run.resolve import resolve_config
 
     for command in ("train", "compare"):
         args = build_parser().parse_args([command, "--reference-defects", "zero-init-a,unscaled-merge"])
-        config = resolve_config(overrides=_train_overrides(args))
+        config = resolve_config(overrides=train_overrides(args))
         assert config.relora_config().reference_defects == ("zero-init-a", "unscaled-merge")
     assert resolve_config().relora_config().reference_defects == ()
     assert "STUDY ONLY" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+
+
+# ---------------------------------------------------------------- issue 19: each setting declared once
+def subparser(command: str):
+    from relora.cli import build_parser
+
+    return build_parser()._subparsers._group_actions[0].choices[command]
+
+
+def config_flags(command: str, own: set[str]) -> dict[str, list]:
+    """The flags of ``command`` by destination, less its own (not config fields) and --help."""
+    found: dict[str, list] = {}
+    for action in subparser(command)._actions:
+        if action.dest not in own | {"help"}:
+            found.setdefault(action.dest, []).append(action)
+    return found
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "finetune"])
+def test_every_exposed_setting_has_exactly_one_flag_with_help(command):
+    """The flags of train, compare and finetune are the config fields that declare one, each once, with the
+    field's help text: none written again by hand."""
+    from dataclasses import fields
+
+    from relora.finetune.config import FinetuneConfig
+    from relora.run.config import TrainConfig
+
+    config_class, own = {
+        "train": (TrainConfig, {"config", "resume", "no_progress"}),
+        "compare": (TrainConfig, {"set", "out", "runs", "config", "threshold", "methods", "lr", "lr_grid", "seeds",
+                                  "clip_rule", "no_progress"}),
+        "finetune": (FinetuneConfig, {"no_progress"}),
+    }[command]
+    exposed = {f.name: f for f in fields(config_class) if f.metadata["flag"] is not None
+               and (command != "compare" or f.metadata["compare"])}
+    flags = config_flags(command, own)
+    assert set(flags) == set(exposed)
+    for name, actions in flags.items():
+        assert len(actions) == 1, name
+        assert actions[0].help and actions[0].help == exposed[name].metadata["help"], name
+    assert all(f.metadata["help"].strip() for f in fields(config_class)), "every field says what it means"
+
+
+def test_switch_flags_turn_their_setting_off_or_on():
+    from relora.cli import build_parser, train_overrides
+
+    args = build_parser().parse_args(["train", "--no-restarts", "--no-jagged", "--compile", "--scale-front", "no"])
+    assert train_overrides(args) == {"restarts": False, "jagged": False, "compile": True, "scale_front": False}
+    assert train_overrides(build_parser().parse_args(["train"])) == {}  # absent flags: the config's values
 
 
 # ---------------------------------------------------------------- issue 15: misleading results, silent behaviour
@@ -273,7 +322,7 @@ def test_resume_finds_its_data_by_identity_not_spelling(prepared_data, tmp_path,
     """The run stores its data resolved with an identity: resumable from another directory, by another path to
     the same tokens; other tokens are refused, also when they replace the data at the same path."""
     from relora.data import load_prepared, prepare
-    from relora.run.config import resolve_config
+    from relora.run.resolve import resolve_config
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -22,13 +22,11 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch import nn
-
-from relora.core.adapters import find_targets
-from relora.core.weight_decay import decay_groups
+if TYPE_CHECKING:  # torch and the core only where used: run.config (and so `relora --help`) imports this module
+    import torch
+    from torch import nn
 from relora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -127,11 +125,15 @@ def optimizer_class(method: str) -> type[torch.optim.Optimizer]:
 def projected_parameters(model: nn.Module, target_modules: list[str] | None = None) -> list[nn.Parameter]:
     """The weight of every linear map ReLoRA would wrap: the matrices whose gradients are projected."""
     modules = dict(model.named_modules())
+    from relora.core.adapters import find_targets
+
     return [modules[name].weight for name in find_targets(model, target_modules)]
 
 
 def build_projection_optimizer(cfg: ProjectionConfig, model: nn.Module) -> torch.optim.Optimizer:
     """GaLoreAdamW or APOLLOAdamW over the model: projected matrices in one group, the rest in a plain one."""
+    from relora.core.weight_decay import decay_groups
+
     settings = projection_settings(cfg, model.config.hidden_size)
     projected = [p for p in projected_parameters(model, cfg.target_modules) if p.requires_grad]
     ids = {id(p) for p in projected}

@@ -266,7 +266,7 @@ def test_defect_names_are_checked():
 
 
 def test_train_config_passes_defects_to_adapter_methods_only(tmp_path):
-    from relora.run.config import resolve_config
+    from relora.run.resolve import resolve_config
 
     cfg = resolve_config(overrides=dict(reference_defects=list(DEFECTS), prune="random", prune_ratio=0.999))
     assert cfg.relora_config().reference_defects == DEFECTS

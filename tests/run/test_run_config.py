@@ -9,7 +9,8 @@ import yaml
 
 from relora.errors import ConfigError
 from relora.models import load_preset
-from relora.run.config import SCALED_WITH_STEPS, TrainConfig, resolve_config
+from relora.run.config import RESUME_INCOMPATIBLE, TrainConfig
+from relora.run.resolve import SCALED_WITH_STEPS, resolve_config, resume_config
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
@@ -83,3 +84,34 @@ def test_cli_train_preset_with_fewer_steps_validates(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--steps", "60", "--warm-start-steps", "120",
                  "--out", str(tmp_path / "run2"), "--device", "cpu", "--no-progress"]) == 2
     assert "--warm-start-steps" in capsys.readouterr().err
+
+
+# What the code before issue 19 refused on resume (a hand-written tuple then): runs it wrote are resumed and
+# reused by `relora compare` only if the set derived from the fields is this one.
+RESUME_INCOMPATIBLE_BEFORE = {
+    "preset", "method", "model", "vocab_size", "data", "steps", "warmup_steps", "warm_start_steps",
+    "reset_every", "merge_every", "restart_warmup_steps", "rank", "alpha", "dropout", "target_modules",
+    "prune", "prune_ratio", "restart_adam_step", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
+    "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
+    "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
+    "frozen_dtype", "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front", "reference_defects",
+}
+
+
+def test_resume_incompatible_settings_are_those_runs_were_written_with():
+    assert set(RESUME_INCOMPATIBLE) == RESUME_INCOMPATIBLE_BEFORE
+    assert len(RESUME_INCOMPATIBLE) == len(set(RESUME_INCOMPATIBLE))
+
+
+def test_resume_merges_flags_over_the_saved_config(tmp_path):
+    saved = resolve_config(overrides={"device": "cpu", "out": str(tmp_path)}).to_dict()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    config, changed = resume_config(overrides={"out": str(tmp_path), "eval_every": 7, "threads": 1})
+    assert (config.eval_every, config.threads, config.rank, config.steps) == (7, 1, saved["rank"], saved["steps"])
+    assert changed == ["eval_every", "threads"]
+    with pytest.raises(ConfigError, match="different rank, alpha;"):
+        resume_config(overrides={"out": str(tmp_path), "rank": 2 * saved["rank"], "alpha": 2 * saved["alpha"]})
+    with pytest.raises(ConfigError, match="different relora_lr;"):  # --lr of an adapter method is relora_lr
+        resume_config(overrides={"out": str(tmp_path)}, peak_lr=5e-3)
+    with pytest.raises(ConfigError, match="no run to resume"):
+        resume_config(overrides={"out": str(tmp_path / "none")})

@@ -44,9 +44,9 @@ from relora.run.config import (
     PROJECTION_METHODS,
     TrainConfig,
     incompatible_changes,
-    resolve_config,
 )
 from relora.run.records import read_config, read_curves, read_summary
+from relora.run.resolve import resolve_config
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from relora.core.controller import ReLoRA
 from relora.core.schedule import jagged_cosine_scheduler
 from relora.errors import ConfigError
 from relora.fileio import write_json_atomic
+from relora.finetune.config import FinetuneConfig
 from relora.finetune.examples import (
     Examples,
     encode_labels,
@@ -41,73 +42,11 @@ from relora.finetune.examples import (
     split_examples,
 )
 from relora.finetune.metrics import classification_metrics
-from relora.models import check_device, count_parameters
+from relora.models import count_parameters
 from relora.train import pick_device, save_dense
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("lora", "relora")
-
-
-@dataclass
-class FinetuneConfig:
-    """A fine-tuning run; field names are the ``relora finetune`` flags with dashes as underscores."""
-
-    data: str  # training examples: .csv, .tsv or .jsonl
-    model: str  # local model directory (a causal LM or a classifier saved with save_pretrained)
-    out: str
-    tokenizer: str | None = None  # None: the model directory's tokenizer
-    val_file: str | None = None  # None: hold out val_fraction of data
-    text_columns: list[str] | None = None  # None: text, or text_a (and text_b)
-    label_column: str = "label"
-    val_fraction: float = 0.1
-    method: str = "relora"
-    rank: int = 8
-    alpha: float = 16.0
-    reset_every: int = 100
-    restart_warmup_steps: int | None = None  # None: reset_every // 10, at least 1
-    prune_ratio: float = 0.99
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 16
-    max_length: int = 128
-    warmup_fraction: float = 0.06  # of all steps: the usual GLUE recipe (RoBERTa)
-    seed: int = 0
-    device: str = "auto"
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad field."""
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        for name in ("rank", "reset_every", "epochs", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0 or not self.alpha > 0:
-            raise ConfigError(f"lr and alpha must be > 0, got lr={self.lr!r}, alpha={self.alpha!r}")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-        if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
-            raise ConfigError(f"text_columns names one or two columns, got {self.text_columns!r}")
-        check_device(self.device)
-
-    @property
-    def rewarm_steps(self) -> int:
-        if self.restart_warmup_steps is not None:
-            return self.restart_warmup_steps
-        return max(1, self.reset_every // 10)
-
-    def relora_config(self, targets: list[str]) -> ReLoRAConfig:
-        restarts = self.method == "relora"
-        try:
-            return ReLoRAConfig(r=self.rank, alpha=self.alpha, target_modules=targets,
-                                reset_every=self.reset_every if restarts else None,
-                                restart_warmup_steps=self.rewarm_steps if restarts else 0,
-                                prune_ratio=self.prune_ratio, seed=self.seed)
-        except ValueError as exc:
-            raise ConfigError(str(exc).replace("r must", "rank must")) from None
 
 
 @dataclass

@@ -176,7 +176,9 @@ def save_checkpoint(
     """
     sharded = dist is not None and dist.sharded
     main = dist is None or dist.is_main
-    from relora.core.adapters import merge_residuals  # peft: only when saving, not for readers of run directories
+    from relora.core.adapters import (
+        merge_residuals,  # peft: only when saving, not for readers of run directories
+    )
 
     rngs = gather_rng_states(dist)  # collectives first, on every rank
     residuals = merge_residuals(model)

@@ -1,125 +1,173 @@
-"""TrainConfig: every setting of a training run, resolved in one direction.
+"""TrainConfig: every setting of a training run, each declared once with its help text.
 
-defaults -> preset (``configs/NAME.yaml``) -> ``--config FILE`` -> flags. The
-resolved config is saved in the run directory and is what a resume compares
-against.
+Resolved in one direction (relora.run.resolve): defaults -> preset
+(``configs/NAME.yaml``) -> ``--config FILE`` -> flags; saved in the run
+directory, where a resume refuses the changes that would alter what its
+checkpoints mean (``RESUME_INCOMPATIBLE``, derived from the fields). The CLI
+generates its flags from the fields (relora.cli.flags).
+
+Torch is imported only inside the checks that need it, so that ``relora --help``
+loads none.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
-import logging
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import yaml
-
-from relora.baselines import PROJECTION_METHODS, optimizer_class
-from relora.core.config import FROZEN_DTYPES, ReLoRAConfig
+from relora.baselines import (
+    PROJECTION_METHODS,  # torch-free at import: `relora --help` reads this module
+)
 from relora.errors import ConfigError
-from relora.models import check_device, llama_config, load_preset
+from relora.run.fields import check_types, setting
+
+if TYPE_CHECKING:
+    from relora.core.config import ReLoRAConfig
 
 METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora", "galore", "apollo", "apollo-mini")
 ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
-
-# Changing these makes a checkpoint mean something else: a resume refuses them.
-RESUME_INCOMPATIBLE = (
-    "preset", "method", "model", "vocab_size", "data", "steps", "warmup_steps", "warm_start_steps",
-    "reset_every", "merge_every", "restart_warmup_steps", "rank", "alpha", "dropout", "target_modules",
-    "prune", "prune_ratio", "restart_adam_step", "lr", "relora_lr", "min_lr_ratio", "weight_decay", "beta1", "beta2",
-    "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
-    "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
-    "frozen_dtype",
-    "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front", "reference_defects",
-)
 DISTRIBUTED_MODES = ("ddp", "fsdp")
-# Step counts that are fractions of a run: when --steps (or steps: in a config file) shortens or lengthens a
-# preset, those the user did not set themselves are scaled with it, so that `--preset tiny --steps 60` keeps
-# the preset's shape (a quarter warm start, four cycles) instead of failing on a 120-step warm start.
-SCALED_WITH_STEPS = ("warmup_steps", "warm_start_steps", "reset_every", "restart_warmup_steps", "eval_every",
-                     "save_every")
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
-    """A training run. Field names are the CLI flags with dashes as underscores."""
+    """A training run. Each field is declared once, here: its default, its help text (the flag's), whether a
+    resume may change it. The CLI flags are generated from these fields (relora.cli.flags)."""
 
-    preset: str = "tiny"
-    method: str = "relora"
-    data: str | None = None  # prepared data directory; None = the default corpus, prepared into cache_dir
-    data_id: str | None = None  # set by the run: PreparedData.identity of `data`, what a resume compares
-    out: str | None = None  # run directory; None = runs/<preset>-<method>-<time>
-    cache_dir: str | None = None  # None = ~/.cache/relora
-    model: dict = field(default_factory=dict)  # LlamaConfig architecture fields
-    vocab_size: int = 8192  # for preparing the default corpus
-    steps: int = 1000
-    warmup_steps: int = 50
-    warm_start_steps: int = 250
-    reset_every: int = 250
-    merge_every: int | None = None
-    restart_warmup_steps: int = 25
-    rank: int = 128
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    quantize: str | None = None  # frozen base weights of wrapped layers in "nf4" or "int8" (bitsandbytes)
-    master_weights: str | None = None  # "cpu": float32 copy of those weights in CPU memory, merged into exactly
-    frozen_dtype: str = "float32"  # or "bfloat16": frozen weights of wrapped layers in bf16 (merge residual kept)
-    prune: str = "magnitude"
-    prune_ratio: float = 0.99
-    restart_adam_step: str = "keep"  # Adam's step counter of the pruned adapters at a restart: "keep" or "reset"
-    # STUDY ONLY, never on by default: defects of the reference / relora-pico code to reproduce, each alone
-    # (zero-init-a, unscaled-merge, independent-masks; relora.core.config.REFERENCE_DEFECTS, docs/method.md)
-    reference_defects: list[str] = field(default_factory=list)
-    lr: float = 1e-3  # peak LR of full-rank training (and of the warm start)
-    relora_lr: float = 2e-3  # peak LR once adapters train (spec section 6: 1.5-2x full-rank)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    batch_tokens: int = 4096  # global batch
-    micro_batch: int = 32  # sequences per forward pass; gradient accumulation is derived
-    seq_len: int = 128
-    sampling: str = "sequential"  # one shuffled pass without repetition (as the paper), or "random" windows
-    eval_every: int = 250
-    eval_tokens: int = 65536
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    init_from: str | None = None
-    seed: int = 0
-    restarts: bool = True  # Table 6 ablation switches
-    optimizer_reset: bool = True
-    jagged: bool = True
-    warm_start: bool = True
+    preset: str = setting("tiny", "model size and recipe: tiny, 9m, 20m, 60m, 130m, 250m, 350m, 1b; pico-tiny, "
+                          "pico-small (relora-pico's architectures; src/relora/configs/)")
+    method: str = setting("relora", "full, control, lora, lora-ws, relora (default), online-relora; galore, apollo, "
+                          "apollo-mini (pip install 'relora[baselines]')", compare=False)
+    data: str | None = setting(None, "prepared data directory (default: the Python stdlib corpus, prepared once into "
+                               "the cache)")
+    data_id: str | None = setting(None, "set by the run: the identity of the prepared data at `data`, what a resume "
+                                  "compares (with `data`)", flag=None, resumable=True)
+    out: str | None = setting(None, "run directory (default: runs/PRESET-METHOD-TIME)", resumable=True,
+                              compare=False)
+    cache_dir: str | None = setting(None, "where the default corpus is prepared (default: ~/.cache/relora)",
+                                    resumable=True)
+    model: dict = setting(help="LlamaConfig architecture fields over the preset's (a mapping)", factory=dict,
+                          flag=None)
+    vocab_size: int = setting(8192, "tokenizer vocabulary when the default corpus is prepared")
+    steps: int = setting(1000, "optimizer steps in total, warm start included; the preset's step counts that are "
+                         "not given (warm start, restart interval, eval/save intervals) scale with it")
+    warmup_steps: int = setting(50, "steps of linear LR warm-up at the start of the run", flag=None)
+    warm_start_steps: int = setting(250, "full-rank steps before LoRA/ReLoRA starts")
+    reset_every: int = setting(250, "steps between ReLoRA restarts (merge, optimizer reset, LR re-warmup)")
+    merge_every: int | None = setting(None, "steps between merges for online-relora (must divide --reset-every)")
+    restart_warmup_steps: int = setting(25, "steps of linear LR re-warmup after each restart")
+    rank: int = setting(128, "adapter rank r")
+    alpha: float = setting(32.0, "adapter alpha (scale = alpha / rank)")
+    dropout: float = setting(0.0, "adapter dropout", flag=None)
+    target_modules: list[str] | None = setting(None, "module-name patterns to wrap (default: every linear layer but "
+                                               "the output head)", flag=None)
+    quantize: str | None = setting(None, "store the frozen weights of wrapped layers in nf4 or int8 "
+                                   "(pip install 'relora[quantize]')", compare=False)
+    master_weights: str | None = setting(None, "with --quantize: cpu keeps a float32 copy of the frozen weights in "
+                                         "CPU memory; merges go into it, so quantization error does not accumulate",
+                                         compare=False)
+    frozen_dtype: str = setting("float32", "storage of the frozen weights of wrapped layers: float32 (default) or "
+                                "bfloat16 (half the device memory; merges keep their rounding residual in CPU "
+                                "memory)")
+    prune: str = setting("magnitude", "optimizer reset: magnitude (default), random, full, none, independent")
+    prune_ratio: float = setting(0.99, "fraction of the adapters' Adam moments zeroed at each restart")
+    restart_adam_step: str = setting("keep", "Adam's step counter of the pruned adapters at a restart: keep "
+                                     "(default, as the paper) or reset (bias correction starts afresh for the fresh "
+                                     "moments)")
+    # STUDY ONLY, never on by default: relora.core.config.REFERENCE_DEFECTS, docs/method.md
+    reference_defects: list[str] = setting(
+        help="FOR STUDY ONLY, off by default: reproduce defects of the reference / relora-pico code, "
+             "comma-separated: zero-init-a (A zeroed with B at wrap), unscaled-merge (merges fold B A, not "
+             "alpha/rank B A), independent-masks (with --prune random: separate random masks for Adam's m and v); "
+             "adapter methods only, see docs/method.md", factory=list)
+    # The field is the peak LR of full-rank training (and of the warm start); the flag --lr sets the peak LR of
+    # the method's main phase (set_peak_lr), so relora_lr or proj_lr for the methods that have one.
+    lr: float = setting(1e-3, "peak learning rate of the method (for adapter methods: after the warm start)",
+                        compare=False)
+    relora_lr: float = setting(2e-3, "peak LR once adapters train (spec section 6: 1.5-2x full-rank)", flag=None)
+    min_lr_ratio: float = setting(0.1, "the cosine schedule's floor, a fraction of the peak LR", flag=None)
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay of matrices (not of norms, biases, "
+                                  "embeddings; for adapter methods of W + s B A: docs/method.md); default 0")
+    beta1: float = setting(0.9, "Adam's beta1", flag=None)
+    beta2: float = setting(0.999, "Adam's beta2", flag=None)
+    grad_clip: float = setting(1.0, "clip the gradient norm at this value (default 1.0; 0: no clipping)")
+    batch_tokens: int = setting(4096, "global batch size in tokens")
+    micro_batch: int = setting(32, "sequences per forward pass (gradient accumulation is derived)")
+    seq_len: int = setting(128, "sequence length in tokens")
+    sampling: str = setting("sequential", "sequential (one shuffled pass, no repetition) or random windows")
+    eval_every: int = setting(250, "steps between evaluations (0: only at the end)", resumable=True)
+    eval_tokens: int = setting(65536, "validation tokens per evaluation", resumable=True)
+    save_every: int = setting(500, "steps between checkpoints (0: only at the end)", resumable=True)
+    keep_checkpoints: int = setting(2, "checkpoints kept (the latest)", flag=None, resumable=True)
+    log_every: int = setting(10, "steps between metrics records", resumable=True)
+    init_from: str | None = setting(None, "start from a Hugging Face model directory or a relora checkpoint (no "
+                                    "warm start)", compare=False)
+    seed: int = setting(0, "random seed (model init, data order, adapter init)")
+    # Table 6's ablation switches: a flag --no-NAME turns each off
+    restarts: bool = setting(True, "ablation: no merges/restarts (ReLoRA becomes LoRA after the warm start)",
+                             compare=False)
+    optimizer_reset: bool = setting(True, "ablation: restarts keep the adapters' optimizer state", compare=False)
+    jagged: bool = setting(True, "ablation: plain cosine schedule, no LR re-warmup at restarts", compare=False)
+    warm_start: bool = setting(True, "ablation: adapters from step 0, no full-rank warm start", compare=False)
     # GaLore / APOLLO / APOLLO-mini (relora.baselines); None = the method's published default
-    proj_lr: float = 1e-2  # peak LR of the projection methods: 0.01 in the GaLore and APOLLO scripts
-    proj_rank: int | None = None  # gradient projection rank; None: GaLore's rank for the width, 1 for apollo-mini
-    update_proj_gap: int = 200  # steps between projection updates (both papers' scripts)
-    proj_scale: float | None = None  # None: 0.25 galore, 1 apollo, 128 apollo-mini
-    scale_front: bool | None = None  # APOLLO's norm-growth limiter after the scale; None: on for apollo-mini only
-    device: str = "auto"
-    threads: int = 0  # CPU threads for the matrix products; 0 = auto: the CPUs idle at start (relora/run/threads.py)
-    gradient_checkpointing: bool = False  # recompute block activations in backward (memory for compute)
-    compile: bool = False  # torch.compile the model
-    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient norm before acting
-    on_bad_steps: str = "rollback"  # "rollback" (to the last checkpoint, LR scaled down) or "stop"
-    rollback_lr_factor: float = 0.5
-    max_rollbacks: int = 3
-    distributed: str = "ddp"  # under torchrun: DistributedDataParallel, or "fsdp" (FSDP2, fully_shard)
-    dist_timeout_s: float = 600.0  # a collective waiting longer than this ends the job (a rank died or hangs)
-    wandb: bool = False  # log metrics to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str | None = None  # None = "relora"
+    proj_lr: float = setting(1e-2, "peak LR of galore / apollo / apollo-mini (default 0.01, as their papers)")
+    proj_rank: int | None = setting(None, "rank of GaLore's / APOLLO's gradient projection (default: GaLore's rank "
+                                    "for the model width, e.g. 128 at 60m, 256 at 130m-350m, width/4 otherwise; 1 "
+                                    "for apollo-mini)")
+    update_proj_gap: int = setting(200, "steps between GaLore's / APOLLO's projection updates (default 200)")
+    proj_scale: float | None = setting(None, "GaLore's / APOLLO's scale (default: galore 0.25, apollo 1, "
+                                       "apollo-mini 128)")
+    scale_front: bool | None = setting(None, "APOLLO: apply the norm-growth limiter after the scale, yes or no "
+                                       "(default: yes for apollo-mini, no for apollo)")
+    device: str = setting("auto", "auto (default), cpu, cuda, cuda:N", resumable=True)
+    threads: int = setting(0, "CPU threads (default 0: as many as CPUs are idle at start, or OMP_NUM_THREADS if "
+                           "set; 2 threads beside another busy process ran 4x slower than 1, see "
+                           "benchmarks/threads.py)", resumable=True)
+    # speed options, off by default; each is measured by `relora bench` (docs/performance.md)
+    gradient_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: less "
+                                           "memory, about a third more compute", resumable=True, compare=False)
+    compile: bool = setting(False, "torch.compile the model (slow first steps; measured in docs/performance.md)",
+                            resumable=True, compare=False)
+    max_bad_steps: int = setting(10, "consecutive non-finite steps (skipped) before --on-bad-steps acts (default "
+                                 "10)", resumable=True)
+    on_bad_steps: str = setting("rollback", "rollback (to the last checkpoint with a lower LR, default) or stop",
+                                resumable=True)
+    rollback_lr_factor: float = setting(0.5, "a rollback scales the LR by this", flag=None, resumable=True)
+    max_rollbacks: int = setting(3, "rollbacks before the run stops", flag=None, resumable=True)
+    distributed: str = setting("ddp", "under torchrun: ddp (default, DistributedDataParallel) or fsdp (FSDP2 "
+                               "sharding)")
+    dist_timeout_s: float = setting(600.0, "seconds a collective may wait before the job fails (a rank died or "
+                                    "hangs)", resumable=True)
+    wandb: bool = setting(False, "also log metrics to Weights & Biases (pip install wandb)", resumable=True,
+                          compare=False)
+    wandb_project: str | None = setting(None, "Weights & Biases project (default: relora)", resumable=True,
+                                        compare=False)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
-        self._check_types()
+        from relora.models import check_device, llama_config
+
+        check_types(self)
+        self._check_choices()
+        self._check_counts()
+        self._check_optimizer()
+        self._check_method()
+        self._check_storage()
+        check_device(self.device)
+        if self.model and self.init_from is None:  # the architecture, before any data is read or prepared
+            try:
+                llama_config(self.model, self.vocab_size, self.seq_len)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"invalid model settings: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+        if self.wandb:
+            from relora.run.tracking import check_wandb_installed
+
+            check_wandb_installed()
+
+    def _check_choices(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.distributed not in DISTRIBUTED_MODES:
@@ -135,12 +183,16 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s!r}")
         if self.sampling not in ("sequential", "random"):
             raise ConfigError(f"sampling must be 'sequential' or 'random', got {self.sampling!r}")
+
+    def _check_counts(self) -> None:
         for name in ("steps", "batch_tokens", "micro_batch", "seq_len", "eval_tokens", "log_every", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("eval_every", "save_every", "warmup_steps", "warm_start_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+
+    def _check_optimizer(self) -> None:
         if not self.weight_decay >= 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.weight_decay and getattr(self, "frozen_dtype", "float32") != "float32":
@@ -158,6 +210,8 @@ class TrainConfig:
                 f"micro_batch ({self.micro_batch}) must divide the sequences per step "
                 f"(batch_tokens / seq_len = {self.sequences_per_step})"
             )
+
+    def _check_method(self) -> None:
         if self.method in ADAPTER_METHODS and self.relora_phase_start >= self.steps:
             raise ConfigError(
                 f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}; "
@@ -170,6 +224,8 @@ class TrainConfig:
         if self.proj_scale is not None and not self.proj_scale > 0:
             raise ConfigError(f"proj_scale must be > 0, got {self.proj_scale!r}")
         if self.method in PROJECTION_METHODS:
+            from relora.baselines import optimizer_class
+
             optimizer_class(self.method)  # a missing extra fails here, before any data is read
         if self.method == "online-relora" and self.merge_every is None:
             raise ConfigError("online-relora needs --merge-every N (smaller than --reset-every)")
@@ -177,6 +233,11 @@ class TrainConfig:
             raise ConfigError(f"reference_defects are defects of ReLoRA's adapters; method {self.method} has none "
                               f"(use one of {', '.join(ADAPTER_METHODS)})")
         self.relora_config()  # ReLoRAConfig's own checks (rank, ratios, intervals, quantize, reference defects)
+
+    def _check_storage(self) -> None:
+        """Quantized or bfloat16 frozen weights: which methods and modes can store them."""
+        from relora.core.config import FROZEN_DTYPES
+
         if self.quantize is not None:
             if self.method not in ADAPTER_METHODS:
                 raise ConfigError(f"quantize stores the frozen weights of adapter methods; method {self.method} "
@@ -196,28 +257,6 @@ class TrainConfig:
         if self.frozen_dtype != "float32" and self.method in ADAPTER_METHODS and self.distributed == "fsdp":
             raise ConfigError(f"frozen_dtype {self.frozen_dtype} does not work with --distributed fsdp (FSDP2 "
                               "needs one parameter dtype); use --frozen-dtype float32 or --distributed ddp")
-        check_device(self.device)
-        if self.model and self.init_from is None:  # the architecture, before any data is read or prepared
-            try:
-                llama_config(self.model, self.vocab_size, self.seq_len)
-            except ConfigError:
-                raise
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(f"invalid model settings: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
-        if self.wandb:
-            from relora.run.tracking import check_wandb_installed
-
-            check_wandb_installed()
-
-    def _check_types(self) -> None:
-        """Each field holds what its annotation says (a YAML file can hold anything)."""
-        for f in fields(self):
-            kinds = [k.strip() for k in str(f.type).split("|")]
-            value = _numeric_from_string(getattr(self, f.name), kinds)
-            setattr(self, f.name, value)
-            if not any(_is_kind(value, kind) for kind in kinds):
-                expected = " or ".join(_KIND_NAMES[kind] for kind in kinds)
-                raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
 
     @property
     def sequences_per_step(self) -> int:
@@ -254,32 +293,43 @@ class TrainConfig:
             return self.proj_lr
         return self.relora_lr if wrapped else self.lr
 
+    def set_peak_lr(self, lr: float | None) -> None:
+        """``--lr``: the peak LR of the method's main phase: relora_lr for adapter methods, proj_lr for
+        GaLore/APOLLO, lr otherwise (None: unchanged)."""
+        if lr is None:
+            return
+        if self.method in ADAPTER_METHODS:
+            self.relora_lr = lr
+        elif self.method in PROJECTION_METHODS:
+            self.proj_lr = lr
+        else:
+            self.lr = lr
+
     def relora_config(self) -> ReLoRAConfig | None:
-        """The adapter / restart settings this method and its ablation switches mean."""
+        """The adapter / restart settings this method and its ablation switches mean.
+
+        A ReLoRAConfig field that TrainConfig has too is passed as it is; the others are what the method and
+        the ablation switches make of the run's settings.
+        """
+        from relora.core.config import ReLoRAConfig
+
         if self.method not in ADAPTER_METHODS:
             return None
         restarts = self.restarts and self.method in ("relora", "online-relora")
         reset_every = self.reset_every if restarts else None
         merge_every = self.merge_every if self.method == "online-relora" and restarts else reset_every
+        shared = {f.name: getattr(self, f.name) for f in fields(ReLoRAConfig) if f.name in FIELD_NAMES}
         try:
-            return ReLoRAConfig(
-                r=self.rank,
-                alpha=self.alpha,
-                dropout=self.dropout,
-                target_modules=self.target_modules,
-                reset_every=reset_every,
-                merge_every=merge_every,
-                restart_warmup_steps=self.restart_warmup_steps if restarts else 0,
-                prune=self.prune if self.optimizer_reset else "none",
-                prune_ratio=self.prune_ratio,
-                restart_adam_step=self.restart_adam_step,
-                warm_start_steps=self.relora_phase_start,
-                seed=self.seed,
-                quantize=self.quantize,
-                master_weights=self.master_weights,
-                frozen_dtype=self.frozen_dtype,
-                reference_defects=tuple(self.reference_defects),
-            )
+            return ReLoRAConfig(**{
+                **shared,
+                "r": self.rank,
+                "reset_every": reset_every,
+                "merge_every": merge_every,
+                "restart_warmup_steps": self.restart_warmup_steps if restarts else 0,
+                "prune": self.prune if self.optimizer_reset else "none",
+                "warm_start_steps": self.relora_phase_start,
+                "reference_defects": tuple(self.reference_defects),
+            })
         except ValueError as exc:
             message = str(exc).replace("r must", "rank must")
             if message.startswith("reset_every ("):  # the restart warm-up does not fit in a cycle
@@ -290,125 +340,10 @@ class TrainConfig:
         return asdict(self)
 
 
-_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-               "dict": "a mapping", "list[str]": "a list of strings", "None": "null"}
-
-
-def _numeric_from_string(value: Any, kinds: list[str]) -> Any:
-    """A number written as a string, for a numeric field that takes no string; else ``value`` unchanged.
-
-    YAML 1.1 (PyYAML) reads ``1e-3`` (no dot) and ``1_000e3``-like spellings as strings; a user means a number.
-    """
-    if not isinstance(value, str) or "str" in kinds or not {"int", "float"} & set(kinds):
-        return value
-    try:
-        number = float(value.strip())
-    except ValueError:
-        return value  # not a number: _check_types names the field and what it must be
-    if not math.isfinite(number):
-        return value
-    if "float" in kinds:
-        return number
-    return int(number) if number.is_integer() else value
-
-
-def _is_kind(value: Any, kind: str) -> bool:
-    """Whether ``value`` fits one alternative of a field annotation (bool is no number; int is a float)."""
-    if kind in ("int", "float") and isinstance(value, bool):
-        return False
-    if kind == "list[str]":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return isinstance(value, {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict,
-                              "None": type(None)}[kind])
-
-
 FIELD_NAMES = [f.name for f in fields(TrainConfig)]
-
-
-def _check_keys(values: dict, where: str) -> None:
-    for key in values:
-        if key not in FIELD_NAMES:
-            close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown setting {key!r} in {where}{hint}")
-
-
-def read_config_file(path: str | Path) -> dict:
-    """A YAML mapping of TrainConfig fields (``model:`` for the architecture)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(values).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    _check_keys(values, str(path))
-    return values
-
-
-def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
-                   overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """defaults <- preset <- config file <- overrides (flags); validated."""
-    file_values = read_config_file(config_file) if config_file else {}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    _check_keys(overrides, "the overrides")
-    name = overrides.get("preset") or file_values.get("preset") or preset or TrainConfig.preset
-    values: dict[str, Any] = {"preset": name}
-    preset_values = load_preset(name)
-    values["model"] = dict(preset_values.get("model", {}))
-    values.update(preset_values.get("train", {}))
-    _check_keys(values, f"preset {name}")
-    for layer in (file_values, overrides):
-        for key, value in layer.items():
-            if key == "model":
-                values["model"] = merge_model(values["model"], value)
-            else:
-                values[key] = value
-    values.pop("data_id", None)  # derived by the run from its data; a run's config.yaml reused as --config has one
-    steps_given = "steps" in file_values or "steps" in overrides
-    if steps_given:
-        given = set(file_values) | set(overrides)
-        scale_with_steps(values, preset_values.get("train", {}).get("steps", TrainConfig.steps),
-                         [name for name in SCALED_WITH_STEPS if name not in given])
-    config = TrainConfig(**values)
-    config.validate()
-    return config
-
-
-def scale_with_steps(values: dict[str, Any], preset_steps: int, names: list[str]) -> None:
-    """Scale the step counts ``names`` of a preset by ``values["steps"] / preset_steps``, in place.
-
-    Rounded down (a warm start shorter than the run stays shorter), at least 1 where the preset's is positive
-    (0 keeps its meaning: "only at the end", "no warm-up").
-    """
-    steps = _numeric_from_string(values["steps"], ["int"])
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0 or steps == preset_steps:
-        return  # a bad --steps is validate()'s to report
-    changed = []
-    for name in names:
-        old = values.get(name, getattr(TrainConfig, name))
-        if isinstance(old, int) and not isinstance(old, bool) and old > 0:
-            values[name] = max(1, old * steps // preset_steps)
-            changed.append(f"{name} {old} -> {values[name]}")
-    if changed:
-        _say_once(f"steps {steps} instead of the preset's {preset_steps}: scaled {', '.join(changed)} "
-                  "(set them to override)")
-
-
-@functools.lru_cache(maxsize=None)
-def _say_once(message: str) -> None:
-    """Log ``message`` once per process: `relora compare` resolves the same settings for every run of a set."""
-    logger.info("%s", message)
-
-
-def merge_model(base: dict, update: Any) -> dict:
-    """A ``model:`` mapping updated by another one (a later layer of settings)."""
-    if not isinstance(update, dict):
-        raise ConfigError(f"model must be a mapping of LlamaConfig fields (e.g. hidden_size: 512), got {update!r}")
-    return {**base, **update}
+# Changing these makes a checkpoint mean something else: a resume refuses them (and `relora compare` will not
+# reuse a run that differs in one). Every field but those declared ``resumable``.
+RESUME_INCOMPATIBLE = tuple(f.name for f in fields(TrainConfig) if not f.metadata["resumable"])
 
 
 def incompatible_changes(saved: dict, current: dict) -> list[str]:
