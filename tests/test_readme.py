@@ -103,7 +103,7 @@ def study_commands() -> list[str]:
 def test_study_commands_resolve(monkeypatch):
     """The study's commands parse, and every run each `relora compare` would train passes validation; runs that
     two commands would share a directory for have the same config. Nothing trains."""
-    from relora.analysis.compare import PAPER_SETS, SETS, resolve_run
+    from relora.analysis.compare_sets import PAPER_SETS, SETS, resolve_run
     from relora.cli import build_parser
     from relora.cli import train_overrides as _train_overrides
     from relora.run.config import incompatible_changes

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import relora
-from relora.analysis.compare import ABLATION_SET, RunSpec, ablation_switches
+from relora.analysis.compare_sets import ABLATION_SET, RunSpec, ablation_switches
 from relora.cli import main
 from relora.run import checkpoint as ckpt
 from relora.train import build_phase, make_model, train

@@ -11,7 +11,7 @@ from conftest import TINY_MODEL, without_test_split
 from test_stats import t_tail_by_integration
 
 import relora.train
-from relora.analysis.compare import choose_lr
+from relora.analysis.compare_procedure import choose_lr
 from relora.cli import main
 
 

@@ -168,7 +168,7 @@ PAPER_TABLE_6 = {  # the paper's Table 6 (130M): restarts, optimizer reset, jagg
 
 def test_the_ablation_set_is_the_papers_table_6(prepared_data, tmp_path):
     """Every row, resolved as relora compare resolves it, has the components of its Table 6 row."""
-    from relora.analysis.compare import (
+    from relora.analysis.compare_sets import (
         ABLATION_SET,
         ABLATION_SWITCHES,
         ablation_switches,

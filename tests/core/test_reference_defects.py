@@ -276,7 +276,7 @@ def test_train_config_passes_defects_to_adapter_methods_only(tmp_path):
 
 
 def test_compare_runs_full_rank_methods_without_the_defects(tmp_path):
-    from relora.analysis.compare import MAIN_SET, resolve_run
+    from relora.analysis.compare_sets import MAIN_SET, resolve_run
 
     overrides = dict(reference_defects=["zero-init-a", "unscaled-merge"])
     configs = {spec.name: resolve_run(spec, tmp_path, preset=None, config_file=None, overrides=overrides)

@@ -3,19 +3,14 @@
 Throughput: both models live in one process and their steps are timed in
 alternation (warm-up first, then ``repeats`` rounds, median), so machine noise
 hits both alike and the ratio is meaningful even on a busy machine. Peak
-memory: each method runs alone in a fresh subprocess (a process's RSS
-high-water mark cannot be reset, and CUDA's peak would include the other
-model), reporting CUDA max-allocated or the RSS growth from building the model
-to the end of its steps.
+memory: each method runs alone in a fresh process (``peak_memory``, shared
+with ``relora bench --quantize``). Each model is prepared as the trainer
+prepares it (``prepare_for_training``: activation checkpointing, compile).
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-import queue as queue_module
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -25,12 +20,12 @@ from pathlib import Path
 import torch
 
 from relora.analysis.costs import METHODS, CostModel
+from relora.analysis.peak_memory import measure_peak_memory
 from relora.errors import ConfigError
 from relora.models import (
     build_model,
     check_device,
     count_parameters,
-    enable_activation_checkpointing,
     llama_config,
     load_preset,
 )
@@ -92,19 +87,21 @@ class BenchSetup:
         return CostModel(self.llama, self.seq_len, self.rank, frozen_bytes=2 if self.frozen_dtype == "bfloat16" else 4)
 
 
-def build(setup: BenchSetup, method: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model and AdamW of ``method``, on the setup's device."""
+def build(setup: BenchSetup, method: str, quantize: str | None = None
+          ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and AdamW of ``method`` (its frozen weights stored as ``quantize``, for ReLoRA) on the setup's
+    device, prepared as the trainer prepares a model (activation checkpointing, compile)."""
     from relora import ReLoRAConfig, wrap
+    from relora.run.config import TrainConfig
+    from relora.train import prepare_for_training
 
     model = build_model(setup.llama, setup.seed)
     if method == "relora":
         wrap(model, ReLoRAConfig(r=setup.rank, alpha=32, reset_every=10**9, restart_warmup_steps=0,
-                                 frozen_dtype=setup.frozen_dtype))
-    if setup.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+                                 frozen_dtype=setup.frozen_dtype, quantize=quantize))
     model.to(setup.device).train()
-    if setup.compile:
-        model.compile()
+    prepare_for_training(TrainConfig(gradient_checkpointing=setup.gradient_checkpointing, compile=setup.compile),
+                         model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(trainable, lr=1e-5)
 
@@ -132,80 +129,16 @@ def make_step(setup: BenchSetup, model: torch.nn.Module, optimizer: torch.optim.
     return step
 
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+def _prepare_method(setup: BenchSetup, method: str) -> tuple[Callable[[], None], dict]:
+    """In the memory measurement's fresh process: the training step of ``method``, and no other figures."""
+    model, optimizer = build(setup, method)
+    return make_step(setup, model, optimizer), {}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss_high_water_bytes() -> int:
-    """This process's peak RSS since it started (its own memory, not inherited).
-
-    Not ``getrusage().ru_maxrss``: Linux carries that high-water mark over
-    fork + exec, so a spawned child reports its parent's peak when the parent's
-    was higher (the parent holds both benchmarked models). VmHWM belongs to
-    the process's own address space, which exec creates afresh.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no procfs: the best there is
-
-
-def _peak_memory_child(setup: BenchSetup, method: str, steps: int, queue) -> None:
-    """In a fresh process: build one method, run ``steps`` steps, report its peak memory."""
-    try:
-        torch.set_num_threads(torch.get_num_threads())
-        if setup.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        before = _rss_bytes()
-        model, optimizer = build(setup, method)
-        step = make_step(setup, model, optimizer)
-        for _ in range(steps):
-            step()
-        if setup.device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _rss_high_water_bytes() - before
-        queue.put({"peak_mem_bytes": int(peak)})
-    except BaseException as exc:  # the parent turns this into an error message
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
-
-
-def measure_peak_memory(setup: BenchSetup, method: str, steps: int = 2) -> int:
-    """Peak memory of ``steps`` training steps of ``method``, measured alone in a subprocess."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(setup, method, steps, queue))
-    # glibc keeps freed heap memory resident (and fragmented), so RSS would report
-    # what the process once used, not what it holds. Serving every allocation of
-    # 64 KiB or more by mmap returns it to the system on free: the high-water mark
-    # then follows live memory. Read by the child's malloc at start, hence the env.
-    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
-    os.environ.update(MALLOC_ENV)
-    try:
-        proc.start()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    while True:  # a child that dies without a word (killed for memory, say) must not hang the parent
-        try:
-            result = queue.get(timeout=1.0)
-            break
-        except queue_module.Empty:
-            if not proc.is_alive():
-                raise RuntimeError(f"memory measurement of {method} failed: its process exited with code "
-                                   f"{proc.exitcode} (out of memory?)") from None
-    proc.join()
-    if "error" in result:
-        raise RuntimeError(f"memory measurement of {method} failed: {result['error']}")
-    return result["peak_mem_bytes"]
+def measure_method_memory(setup: BenchSetup, method: str, steps: int = 2) -> int:
+    """Peak memory of ``steps`` training steps of ``method``, measured alone in a fresh process."""
+    return measure_peak_memory(_prepare_method, (setup, method), device=setup.device, steps=steps,
+                               label=method)["peak_mem_bytes"]
 
 
 def measure_merge_seconds(model: torch.nn.Module, repeats: int = 3) -> float:
@@ -291,6 +224,21 @@ def time_alternating(steps: dict[str, Callable[[], None]], warmup: int, repeats:
     return times
 
 
+def step_figures(setup: BenchSetup, built: dict[str, tuple[torch.nn.Module, Callable[[], None]]], warmup: int,
+                 repeats: int, say: Callable[[str], None]) -> dict[str, dict]:
+    """Each built model's training step timed in alternation: tokens/s and seconds (median, every step), and
+    its parameter counts."""
+    tokens = setup.micro_batch * setup.seq_len
+    times = time_alternating({name: step for name, (_, step) in built.items()}, warmup, repeats, say)
+    figures = {}
+    for name, (model, _) in built.items():
+        trainable, total = count_parameters(model)
+        median = statistics.median(times[name])
+        figures[name] = {"tokens_per_s": tokens / median, "step_s": median, "step_s_all": times[name],
+                         "trainable_params": trainable, "total_params": total}
+    return figures
+
+
 def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: int = 2, repeats: int = 5,
               memory: bool = True, merge: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Measure every method and return the JSON-ready result (see ``relora bench --help``)."""
@@ -299,53 +247,57 @@ def run_bench(setup: BenchSetup, *, methods: tuple[str, ...] = METHODS, warmup: 
             raise ConfigError(f"unknown bench method {method!r}; choose from: {', '.join(METHODS)}")
     say = progress or (lambda text: None)
     cost = setup.cost_model()
-    tokens = setup.micro_batch * setup.seq_len
     built = {}
     for method in methods:
         say(f"building {method}")
         model, optimizer = build(setup, method)
         built[method] = (model, make_step(setup, model, optimizer))
-    times = time_alternating({m: step for m, (_, step) in built.items()}, warmup, repeats, say)
-    result: dict = {"setup": setup.__dict__, "tokens_per_step": tokens, "cost_model": cost.to_dict(), "methods": {}}
-    for method in methods:
-        model = built[method][0]
-        trainable, total = count_parameters(model)
-        median = statistics.median(times[method])
-        result["methods"][method] = {
-            "tokens_per_s": tokens / median, "step_s": median, "step_s_all": times[method],
-            "trainable_params": trainable, "total_params": total,
-        }
+    result: dict = {"setup": setup.__dict__, "tokens_per_step": setup.micro_batch * setup.seq_len,
+                    "cost_model": cost.to_dict(), "methods": step_figures(setup, built, warmup, repeats, say)}
     if merge and "relora" in built:
         say("timing merge_and_reinit")
-        merge_s = measure_merge_seconds(built["relora"][0])
-        train = load_preset(setup.preset)["train"]
-        steps_per_interval = train.get("reset_every", 0)
-        micro_steps = train.get("batch_tokens", tokens) / tokens  # micro-steps per optimizer step
-        interval_s = steps_per_interval * micro_steps * result["methods"]["relora"]["step_s"]
-        result["merge"] = {"merge_s": merge_s, "reset_every": steps_per_interval,
-                           "interval_train_s": interval_s,
-                           "merge_fraction": merge_s / interval_s if interval_s else None}
+        result["merge"] = merge_figures(setup, built["relora"][0], result["methods"]["relora"]["step_s"])
     built.clear()
     if memory:
         for method in methods:
             say(f"peak memory of {method} (fresh process)")
-            result["methods"][method]["peak_mem_bytes"] = measure_peak_memory(setup, method)
+            result["methods"][method]["peak_mem_bytes"] = measure_method_memory(setup, method)
     if set(methods) == set(METHODS):
-        full, relora = result["methods"]["full"], result["methods"]["relora"]
-        result["throughput_ratio"] = relora["tokens_per_s"] / full["tokens_per_s"]
-        result["throughput_bound"] = cost.throughput_bound
-        result["throughput_of_bound"] = result["throughput_ratio"] / cost.throughput_bound
-        if memory:
-            result["memory_ratio"] = relora["peak_mem_bytes"] / full["peak_mem_bytes"]
-            result["memory_bound"] = cost.memory_bound
-            result["memory_of_bound"] = result["memory_ratio"] / cost.memory_bound
-            act_bytes = 2 if setup.device.startswith("cuda") else 4  # autocast bf16 on GPU (roughly)
-            ckpt = setup.gradient_checkpointing
-            result["memory_predicted"] = cost.memory_predicted(setup.micro_batch, act_bytes, ckpt)
-            result["memory_of_predicted"] = result["memory_ratio"] / result["memory_predicted"]
-            for m in methods:
-                result["methods"][m]["predicted_peak_bytes"] = cost.peak_bytes(m, setup.micro_batch, act_bytes, ckpt)["peak"]
+        result.update(_against_bounds(setup, cost, result["methods"], memory))
     return result
+
+
+def merge_figures(setup: BenchSetup, model: torch.nn.Module, step_s: float) -> dict:
+    """Seconds of one ``merge_and_reinit`` of ``model``, and their share of a reset interval of the preset's
+    training at ``step_s`` seconds per micro-step."""
+    merge_s = measure_merge_seconds(model)
+    train = load_preset(setup.preset)["train"]
+    tokens = setup.micro_batch * setup.seq_len
+    steps_per_interval = train.get("reset_every", 0)
+    micro_steps = train.get("batch_tokens", tokens) / tokens  # micro-steps per optimizer step
+    interval_s = steps_per_interval * micro_steps * step_s
+    return {"merge_s": merge_s, "reset_every": steps_per_interval, "interval_train_s": interval_s,
+            "merge_fraction": merge_s / interval_s if interval_s else None}
+
+
+def _against_bounds(setup: BenchSetup, cost: CostModel, methods: dict[str, dict], memory: bool) -> dict:
+    """ReLoRA's measured ratios to full-rank beside the cost model's bounds and prediction; adds each method's
+    predicted peak to ``methods``."""
+    full, relora = methods["full"], methods["relora"]
+    out = {"throughput_ratio": relora["tokens_per_s"] / full["tokens_per_s"], "throughput_bound": cost.throughput_bound}
+    out["throughput_of_bound"] = out["throughput_ratio"] / cost.throughput_bound
+    if not memory:
+        return out
+    out["memory_ratio"] = relora["peak_mem_bytes"] / full["peak_mem_bytes"]
+    out["memory_bound"] = cost.memory_bound
+    out["memory_of_bound"] = out["memory_ratio"] / cost.memory_bound
+    act_bytes = 2 if setup.device.startswith("cuda") else 4  # autocast bf16 on GPU (roughly)
+    ckpt = setup.gradient_checkpointing
+    out["memory_predicted"] = cost.memory_predicted(setup.micro_batch, act_bytes, ckpt)
+    out["memory_of_predicted"] = out["memory_ratio"] / out["memory_predicted"]
+    for name, m in methods.items():
+        m["predicted_peak_bytes"] = cost.peak_bytes(name, setup.micro_batch, act_bytes, ckpt)["peak"]
+    return out
 
 
 def format_result(result: dict) -> str:

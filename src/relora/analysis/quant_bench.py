@@ -1,30 +1,25 @@
 """``relora bench --quantize none,int8,nf4``: ReLoRA steps with the frozen weights stored in each format.
 
-The same preset, rank and batch as ``relora bench``; one ReLoRA model per
-storage format. Throughput: the models' steps timed in alternation in one
-process (median), as ``relora bench`` does. Memory, each format alone in a
-fresh process: the bytes the frozen weights occupy (codes and scales,
-counted from the tensors, beside the cost model's figure) and the peak of
-the training steps, measured after the model is built (building starts from
-a float32 model for every format, so a peak that included it would hide the
-difference): CUDA's peak allocation, or on CPU the peak resident set size
-(Linux ``VmHWM``, reset after building) minus the resident size before
-building.
+The same preset, rank and batch as ``relora bench``, and its model building
+(``bench.build``); one ReLoRA model per storage format. Throughput: the
+models' steps timed in alternation in one process (median), as ``relora
+bench`` does. Memory, each format alone in a fresh process
+(``peak_memory``, the measurement ``relora bench`` makes): the bytes the
+frozen weights occupy (codes and scales, counted from the tensors, beside the
+cost model's figure) and the peak of the training steps after the model is
+built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import os
-import statistics
 from collections.abc import Callable
 
 import torch
 
-from relora.analysis.bench import BenchSetup, make_step, time_alternating
+from relora.analysis.bench import BenchSetup, build, make_step, step_figures
+from relora.analysis.peak_memory import measure_peak_memory
 from relora.errors import ConfigError
-from relora.models import build_model, count_parameters
 
 FORMATS = ("none", "int8", "nf4")
 
@@ -49,14 +44,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 def build_relora(setup: BenchSetup, fmt: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A ReLoRA model with its frozen weights stored as ``fmt``, and its AdamW, on the setup's device."""
-    from relora import ReLoRAConfig, wrap
-
-    model = build_model(setup.llama, setup.seed)
-    wrap(model, ReLoRAConfig(r=setup.rank, alpha=32, reset_every=10**9, restart_warmup_steps=0,
-                             frozen_dtype=setup.frozen_dtype, quantize=None if fmt == "none" else fmt))
-    model.to(setup.device).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(trainable, lr=1e-5)
+    return build(setup, "relora", quantize=None if fmt == "none" else fmt)
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:
@@ -80,76 +68,30 @@ def _cost(setup: BenchSetup, fmt: str) -> int:
                      quantize=None if fmt == "none" else fmt).frozen_weight_bytes
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _memory_child(setup: BenchSetup, fmt: str, steps: int, queue) -> None:
-    """In a fresh process: build one format, reset the peak, run ``steps`` steps, report."""
-    try:
-        cuda = setup.device.startswith("cuda")
-        before = 0 if cuda else _status_kib("VmRSS") * 1024
-        model, optimizer = build_relora(setup, fmt)
-        step = make_step(setup, model, optimizer)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
-        for _ in range(steps):
-            step()
-        peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024 - before
-        queue.put({"peak_mem_bytes": int(peak), "frozen_bytes": frozen_bytes(model)})
-    except BaseException as exc:  # the parent turns this into an error message
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+def _prepare_format(setup: BenchSetup, fmt: str) -> tuple[Callable[[], None], dict]:
+    """In the memory measurement's fresh process: the training step of ReLoRA in ``fmt``, and its frozen bytes."""
+    model, optimizer = build_relora(setup, fmt)
+    return make_step(setup, model, optimizer), {"frozen_bytes": frozen_bytes(model)}
 
 
 def measure_memory(setup: BenchSetup, fmt: str, steps: int = 2) -> dict:
-    """Peak memory of ``steps`` training steps and bytes of frozen weights, measured alone in a subprocess."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    # freed tensors go back to the OS at once (glibc would otherwise keep some in its heap and raise the RSS)
-    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    try:
-        proc = ctx.Process(target=_memory_child, args=(setup, fmt, steps, queue))
-        proc.start()
-    finally:
-        if previous is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
-    result = queue.get()
-    proc.join()
-    if "error" in result:
-        raise RuntimeError(f"memory measurement of {fmt} failed: {result['error']}")
-    return result
+    """Peak memory of ``steps`` training steps and bytes of frozen weights, measured alone in a fresh process."""
+    return measure_peak_memory(_prepare_format, (setup, fmt), device=setup.device, steps=steps, label=fmt)
 
 
 def run_quantize_bench(setup: BenchSetup, formats: tuple[str, ...] = FORMATS, *, warmup: int = 2, repeats: int = 5,
                        memory: bool = True, progress: Callable[[str], None] | None = None) -> dict:
     """Measure ReLoRA steps with each frozen-weight format; the JSON-ready result."""
     say = progress or (lambda text: None)
-    tokens = setup.micro_batch * setup.seq_len
     built = {}
     for fmt in formats:
         say(f"building relora with frozen weights {fmt}")
         model, optimizer = build_relora(setup, fmt)
         built[fmt] = (model, make_step(setup, model, optimizer))
-    times = time_alternating({f: step for f, (_, step) in built.items()}, warmup, repeats, say)
-    result: dict = {"setup": dataclasses.asdict(setup), "tokens_per_step": tokens, "formats": {}}
-    for fmt in formats:
-        model = built[fmt][0]
-        trainable, total = count_parameters(model)
-        median = statistics.median(times[fmt])
-        result["formats"][fmt] = {"tokens_per_s": tokens / median, "step_s": median, "step_s_all": times[fmt],
-                                  "trainable_params": trainable, "total_params": total,
-                                  "frozen_bytes": frozen_bytes(model), "frozen_bytes_model": _cost(setup, fmt)}
+    result: dict = {"setup": dataclasses.asdict(setup), "tokens_per_step": setup.micro_batch * setup.seq_len,
+                    "formats": step_figures(setup, built, warmup, repeats, say)}
+    for fmt, figures in result["formats"].items():
+        figures.update(frozen_bytes=frozen_bytes(built[fmt][0]), frozen_bytes_model=_cost(setup, fmt))
     built.clear()
     if memory:
         for fmt in formats:

@@ -117,7 +117,9 @@ def format_summary(s) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from relora.analysis.compare import PAPER_SETS, Procedure, compare
+    from relora.analysis.compare import compare
+    from relora.analysis.compare_procedure import Procedure
+    from relora.analysis.compare_sets import PAPER_SETS
     from relora.data import prepare_default_corpus
     from relora.run.resolve import resolve_config
 
