@@ -24,9 +24,10 @@ import torch
 
 from relora.core.adapters import wrap
 from relora.core.pruning import optimizer_state_bytes
+from relora.run.build import make_model
 from relora.run.config import TrainConfig, resolve_config
 from relora.run.evaluation import lm_loss
-from relora.train import build_phase, make_model
+from relora.run.phase import build_phase
 
 METHODS = ("full", "relora", "galore", "apollo", "apollo-mini")
 

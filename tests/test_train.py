@@ -14,7 +14,9 @@ import relora
 from relora.analysis.compare import ABLATION_SET, RunSpec, ablation_switches
 from relora.cli import main
 from relora.run import checkpoint as ckpt
-from relora.train import build_phase, make_model, train
+from relora.run.build import make_model
+from relora.run.phase import build_phase
+from relora.train import train
 
 METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes",
                  "restarts", "pruned_fraction"}

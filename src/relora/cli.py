@@ -195,7 +195,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         read_config_file,
         resolve_config,
     )
-    from relora.train import finished_summary, train
+    from relora.run.summary import finished_summary
+    from relora.train import train
 
     overrides = _train_overrides(args)
     lr = overrides.pop("lr", None)
@@ -246,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.data = str(_default_corpus(config, progress=not args.no_progress))
         config.validate()
     from relora.run.distributed import env_rank
-    from relora.train import check_inputs
+    from relora.run.inputs import check_inputs
 
     check_inputs(config)  # a missing dataset or device is the first thing the user reads, not the config dump
     main_rank = env_rank() == 0
@@ -356,13 +357,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from relora.data import TokenWindows, load_prepared
     from relora.models import check_device
+    from relora.run.build import model_from_path
+    from relora.run.device import autocast_for, pick_device
     from relora.run.evaluation import (
         check_same_tokenizer,
         eval_settings,
         evaluate,
         perplexity,
     )
-    from relora.train import autocast_for, model_from_path, pick_device
 
     given = {flag: getattr(args, flag) for flag in ("seq_len", "eval_tokens", "micro_batch")}
     for flag, value in given.items():
@@ -396,7 +398,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from relora.errors import ConfigError
     from relora.fileio import ownership
     from relora.run import checkpoint as ckpt
-    from relora.train import export_dense, model_from_checkpoint
+    from relora.run.build import model_from_checkpoint
+    from relora.run.export import export_dense
 
     source = Path(args.checkpoint)
     if not (source / ckpt.MARKER).is_file():

@@ -111,7 +111,7 @@ def build(setup: BenchSetup, method: str) -> tuple[torch.nn.Module, torch.optim.
 
 def make_step(setup: BenchSetup, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """One training step on a fixed random batch: forward, backward, clip, AdamW, zero_grad."""
-    from relora.train import autocast_for, pick_device
+    from relora.run.device import autocast_for, pick_device
 
     device = pick_device(setup.device)
     autocast = autocast_for(device)

@@ -37,7 +37,8 @@ from relora.errors import ConfigError
 from relora.fileio import write_json_atomic
 from relora.finetune.metrics import classification_metrics
 from relora.models import check_device, count_parameters
-from relora.train import pick_device, save_dense
+from relora.run.device import pick_device
+from relora.run.export import save_dense
 
 logger = logging.getLogger(__name__)
 
