@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from relora.core.adapters import decay_frozen_
 from relora.core.config import ReLoRAConfig
 from relora.core.controller import StepEvent
 from relora.core.pruning import optimizer_state_bytes
+from relora.data import TokenWindows
 from relora.errors import ConfigError, DivergedError
 from relora.fileio import write_json_atomic
 from relora.models import count_parameters
@@ -132,11 +133,17 @@ class _Run:
     data: RunData
     micro_steps: int  # micro-batches per optimizer step on each rank
     autocast: contextlib.AbstractContextManager
+    run_dir: Path = field(init=False)
+    checkpoints: Path = field(init=False)
+    vocab_size: int = field(init=False)
+    tokens_per_step: int = field(init=False)
+    rank_sequences: int = field(init=False)  # each rank's share of a step's sequences
 
     def __post_init__(self) -> None:
         self.run_dir, self.vocab_size = Path(self.cfg.out), self.data.prepared.vocab_size
+        self.checkpoints = self.run_dir / "checkpoints"
         self.tokens_per_step = self.cfg.sequences_per_step * self.cfg.seq_len
-        self.rank_sequences = self.cfg.sequences_per_step // self.dist.world_size  # each rank's share of a step
+        self.rank_sequences = self.cfg.sequences_per_step // self.dist.world_size
 
 
 @dataclass
@@ -179,8 +186,8 @@ def restore(run: _Run, *, resume: bool, lr_scale: float | None) -> tuple[_Traine
     """The model, its phase and the run state to start from: a fresh run's, or the latest checkpoint's."""
     cfg, dist = run.cfg, run.dist
     reset_peak_memory(dist.device)
-    restored = dist.broadcast_object(ckpt.latest_checkpoint(run.run_dir / "checkpoints", verify=True)
-                                     if resume else None)
+    # the checkpoint first: whether it is past the warm start decides whether the model has adapters
+    restored = dist.broadcast_object(ckpt.latest_checkpoint(run.checkpoints, verify=True) if resume else None)
     state = RunState(vocab_size=run.vocab_size, world_size=dist.world_size)
     if restored is not None:
         state = RunState.from_dict({**ckpt.read_trainer_state(restored), "world_size": dist.world_size})
@@ -196,7 +203,7 @@ def restore(run: _Run, *, resume: bool, lr_scale: float | None) -> tuple[_Traine
     if restored is not None:
         _load_states(run, restored, model, phase, state, lr_scale)
     elif resume:
-        logger.warning("no complete checkpoint in %s: starting from step 0", run.run_dir / "checkpoints")
+        logger.warning("no complete checkpoint in %s: starting from step 0", run.checkpoints)
     return _Trainee(model, engine, phase), state
 
 
@@ -319,7 +326,7 @@ def validate(run: _Run, net: _Trainee, state: RunState, record: dict | None) -> 
     return record
 
 
-def _evaluate(run: _Run, model: nn.Module, windows: object) -> float:
+def _evaluate(run: _Run, model: nn.Module, windows: TokenWindows) -> float:
     cfg, dist = run.cfg, run.dist
     return evaluate(model, windows, num_windows=max(1, cfg.eval_tokens // cfg.seq_len), micro_batch=cfg.micro_batch,
                     device=dist.device, autocast=run.autocast, rank=dist.rank, world_size=dist.world_size,
@@ -336,7 +343,7 @@ def save(run: _Run, net: _Trainee, state: RunState, spikes: SpikeWatch, started:
         states["optimizer"] = phase.optimizer.state_dict()
     if phase.controller is not None:
         states["controller"] = phase.controller.state_dict()
-    return ckpt.save_checkpoint(run.run_dir / "checkpoints", state.step, model=net.model, states=states,
+    return ckpt.save_checkpoint(run.checkpoints, state.step, model=net.model, states=states,
                                 trainer_state=state.to_dict(), config=run.cfg.to_dict(), keep=run.cfg.keep_checkpoints,
                                 dist=run.dist if run.dist.active else None, optimizer=phase.optimizer)
 
@@ -366,7 +373,7 @@ def finish(run: _Run, net: _Trainee, state: RunState, started: float, notes: lis
         test_loss=test_loss, test_ppl=perplexity(test_loss) if test_loss is not None else None,
         skipped_steps=state.skipped_steps, interrupted=interrupted, notes=notes,
     )
-    if not interrupted and dist.is_main:  # written last: its presence means the run finished (relora compare relies on it)
+    if not interrupted and dist.is_main:  # written last: it means the run finished (relora compare relies on it)
         write_json_atomic(run.run_dir / "summary.json", summary.to_dict())
     dist.barrier()
     return summary
