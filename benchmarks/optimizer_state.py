@@ -24,10 +24,11 @@ import torch
 
 from relora.core.adapters import wrap
 from relora.core.optimizer_state import optimizer_state_bytes
+from relora.run.build import make_model
 from relora.run.config import TrainConfig
 from relora.run.evaluation import lm_loss
+from relora.run.phase import build_phase
 from relora.run.resolve import resolve_config
-from relora.train import build_phase, make_model
 
 METHODS = ("full", "relora", "galore", "apollo", "apollo-mini")
 

@@ -12,9 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "relora"
 MAX_MODULE_LINES = 420  # "about 400"
-MAX_FUNCTION_LINES = 60
+MAX_FUNCTION_LINES = 60  # docstrings not counted
 # Functions that are argument tables or declarative lists rather than logic, with why.
-LONG_BY_DESIGN: dict[str, str] = {}
+LONG_BY_DESIGN: dict[str, str] = {
+    "cli/parser.py:build_parser": "the argument table of every command but the generated train flags",
+}
 
 
 def modules() -> list[Path]:
@@ -51,6 +53,9 @@ def test_modules_and_functions_stay_small(path):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                length -= first.end_lineno - first.lineno + 1  # a docstring is documentation, not steps
             name = f"{path.relative_to(PACKAGE)}:{node.name}"
             if name not in LONG_BY_DESIGN:
                 assert length <= MAX_FUNCTION_LINES, f"{name} is {length} lines; give its steps names"

@@ -17,9 +17,11 @@ from relora.core.adapters import find_targets
 from relora.core.optimizer_state import optimizer_state_bytes
 from relora.data import TokenWindows, load_prepared
 from relora.run import checkpoint as ckpt
+from relora.run.build import make_model
 from relora.run.evaluation import lm_loss
+from relora.run.phase import build_phase
 from relora.run.resolve import resolve_config
-from relora.train import build_phase, make_model, train
+from relora.train import train
 
 PROJECTION = ["galore", "apollo", "apollo-mini"]
 RANK = 8  # the default for TINY_MODEL's width 32: a quarter of it

@@ -55,7 +55,7 @@ def test_a_failed_swap_puts_the_old_copy_back(tmp_path, monkeypatch):
 
 
 def test_save_dense_that_fails_at_the_swap_keeps_the_previous_model(tmp_path, monkeypatch):
-    from relora.train import save_dense
+    from relora.run.export import save_dense
 
     out = save_dense(tiny_llama(seed=0), None, tmp_path / "final")
     before = (out / "model.safetensors").read_bytes()

@@ -145,7 +145,7 @@ def test_finetune_into_user_files_leaves_them_untouched(tmp_path, capsys, finish
 
 def test_save_dense_refuses_to_replace_what_relora_did_not_write(tmp_path):
     from relora.errors import ConfigError
-    from relora.train import save_dense
+    from relora.run.export import save_dense
 
     notes = user_corpus(tmp_path / "notes")
     before = snapshot(tmp_path)

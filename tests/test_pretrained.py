@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from relora.cli import main
 from relora.core.adapters import find_targets, lora_layers, wrap
 from relora.run import checkpoint as ckpt
-from relora.train import model_from_checkpoint, train
+from relora.run.build import model_from_checkpoint
+from relora.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -137,6 +138,6 @@ def test_seq_len_beyond_learned_positions_is_a_config_error(prepared_data, tmp_p
     with pytest.raises(ConfigError, match="--seq-len 128 is longer than the 64 positions GPT2LMHeadModel"):
         train(cfg, progress=False)
     saved_model("llama", tmp_path / "llama")  # rotary: no hard limit, so no error at the same length
-    from relora.train import learned_positions
+    from relora.run.build import learned_positions
 
     assert learned_positions(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama")) is None

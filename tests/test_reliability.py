@@ -279,12 +279,12 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_to_identical_weights(p
 @pytest.mark.parametrize("resume_at", [None, 21, 23])
 def test_a_loss_spike_after_a_restart_is_logged_with_the_restart_number(caplog, resume_at):
     from relora.core.controller import StepEvent
-    from relora.train import _SpikeWatch
+    from relora.run.watch import SpikeWatch
 
     class Controller:
         restarts = 0
 
-    controller, watch = Controller(), _SpikeWatch(restart_warmup_steps=3)
+    controller, watch = Controller(), SpikeWatch(restart_warmup_steps=3)
     losses = {step: 3.0 for step in range(1, 51)}
     losses[12] = 4.0  # one noisy step after the restart at 10: not a spike
     losses.update({22: 4.0, 23: 4.2, 24: 3.8})  # 3 steps in a row after the restart at 20: a spike
@@ -298,7 +298,7 @@ def test_a_loss_spike_after_a_restart_is_logged_with_the_restart_number(caplog, 
             watch.observe(step, loss, event, controller)
             if step == resume_at:  # a checkpoint here, then a new process: the spike inside the window is still seen
                 saved = json.loads(json.dumps(watch.state_dict()))  # as the trainer state is written
-                watch = _SpikeWatch(restart_warmup_steps=3)
+                watch = SpikeWatch(restart_warmup_steps=3)
                 watch.load_state_dict(saved)
     spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
     # the baseline is the mean of steps 11-20, noisy step 12 included: 3.1

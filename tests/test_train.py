@@ -14,7 +14,10 @@ import relora
 from relora.analysis.compare_sets import ABLATION_SET, RunSpec, ablation_switches
 from relora.cli import main
 from relora.run import checkpoint as ckpt
-from relora.train import build_phase, make_model, train
+from relora.run.build import make_model
+from relora.run.phase import build_phase
+from relora.run.state import RunState
+from relora.train import train
 
 METRIC_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_bytes", "optimizer_state_bytes",
                  "restarts", "pruned_fraction"}
@@ -153,6 +156,49 @@ def test_resume_is_bit_identical(resume_step, prepared_data, tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")} for r in rs]  # noqa: E731
     assert strip(records(full)) == strip(records(split))
     assert [r["step"] for r in records(full)][:5] == [3, 6, 9, 12, 15]
+    # trainer_state.json keeps the keys (and their order) of every earlier version: val_loss once evaluated,
+    # lr_scale once resumed
+    assert list(ckpt.read_trainer_state(full / "checkpoints" / "step_10")) == TRAINER_STATE_KEYS
+    assert list(ckpt.read_trainer_state(full / "checkpoints" / "step_20")) == [*TRAINER_STATE_KEYS, "val_loss"]
+    resumed = ckpt.read_trainer_state(split / "checkpoints" / "step_40")
+    assert list(resumed) == [*TRAINER_STATE_KEYS, "val_loss", "lr_scale"] and resumed["lr_scale"] == 1.0
+
+
+TRAINER_STATE_KEYS = ["step", "tokens", "wall_s", "train_s", "skipped_steps", "wrapped", "peak_optimizer_state_bytes",
+                      "vocab_size", "world_size", "window_loss", "window_steps", "bad_streak", "spike_watch"]
+# as the loop wrote it before RunState (step 10 of tests/golden's relora run)
+SAVED_STATE = {"step": 10, "tokens": 2560, "wall_s": 0.449, "train_s": 0.308, "skipped_steps": 0, "wrapped": False,
+               "peak_optimizer_state_bytes": 427348, "vocab_size": 512, "world_size": 1, "window_loss": 0.0,
+               "window_steps": 0, "bad_streak": 0,
+               "spike_watch": {"recent": [6.25, 6.24], "baseline": None, "until": -1, "restart": 0, "above": []},
+               "val_loss": 5.991}
+
+
+def test_trainer_state_reads_and_writes_back_exactly_as_saved():
+    for saved in (SAVED_STATE, {**SAVED_STATE, "lr_scale": 0.25}):
+        state = RunState.from_dict(saved)
+        assert json.dumps(state.to_dict()) == json.dumps(saved)  # keys, values and order
+    assert RunState.from_dict(SAVED_STATE).scale == 1.0  # never resumed: the LR as configured
+    assert RunState.from_dict({**SAVED_STATE, "lr_scale": 0.25}).scale == 0.25
+
+
+def test_trainer_state_of_an_older_version_takes_defaults_and_keeps_unknown_keys():
+    """A checkpoint from before the spike watch, the logging window and the optimizer-state peak resumes;
+    a key of another version is written back as it was read."""
+    old = {"step": 15, "tokens": 3840, "wall_s": 1.5, "skipped_steps": 2, "wrapped": True, "vocab_size": 512,
+           "world_size": 2, "from_the_future": [1, 2]}
+    state = RunState.from_dict(old)
+    assert (state.train_s, state.window_steps, state.bad_streak, state.peak_optimizer_state_bytes) == (0.0, 0, 0, 0)
+    assert state.spike_watch is None and state.val_loss is None and state.scale == 1.0
+    written = state.to_dict()
+    assert {k: written[k] for k in old} == old
+    assert set(written) == {*TRAINER_STATE_KEYS, "from_the_future"} - {"spike_watch"}
+
+
+@pytest.mark.parametrize("key", ["step", "tokens", "wall_s", "skipped_steps", "wrapped", "vocab_size"])
+def test_trainer_state_without_a_key_every_version_wrote_is_refused(key):
+    with pytest.raises(KeyError, match=key):
+        RunState.from_dict({k: v for k, v in SAVED_STATE.items() if k != key})
 
 
 def test_weight_decay_skips_norms_embeddings_and_a(prepared_data, tmp_path):

@@ -23,8 +23,9 @@ from relora.core import adapters
 from relora.integrations import quantize
 from relora.models import count_parameters, llama_config, load_preset
 from relora.run import checkpoint as ckpt
+from relora.run.build import make_model
 from relora.run.config import TrainConfig
-from relora.train import make_model, train
+from relora.train import train
 
 # NF4 (QLoRA paper, Appendix E): the 16 values a 4-bit code stands for, times its block's absmax.
 NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

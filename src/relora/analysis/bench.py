@@ -93,7 +93,7 @@ def build(setup: BenchSetup, method: str, quantize: str | None = None
     device, prepared as the trainer prepares a model (activation checkpointing, compile)."""
     from relora import ReLoRAConfig, wrap
     from relora.run.config import TrainConfig
-    from relora.train import prepare_for_training
+    from relora.run.build import prepare_for_training
 
     model = build_model(setup.llama, setup.seed)
     if method == "relora":
@@ -108,7 +108,7 @@ def build(setup: BenchSetup, method: str, quantize: str | None = None
 
 def make_step(setup: BenchSetup, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """One training step on a fixed random batch: forward, backward, clip, AdamW, zero_grad."""
-    from relora.train import autocast_for, pick_device
+    from relora.run.device import autocast_for, pick_device
 
     device = pick_device(setup.device)
     autocast = autocast_for(device)

@@ -27,7 +27,7 @@ def analyze_runs(
     target_modules: list[str] | None = None,
 ) -> dict[str, UpdateSpectra]:
     """Spectra of dW for each path (run, checkpoint or model) against ``reference`` or each run's own."""
-    from relora.train import (
+    from relora.run.build import (
         model_from_path,  # imports torch/transformers: only when analysing
     )
 

@@ -53,7 +53,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         evaluate,
         perplexity,
     )
-    from relora.train import autocast_for, model_from_path, pick_device
+    from relora.run.build import model_from_path
+    from relora.run.device import autocast_for, pick_device
 
     given = {flag: getattr(args, flag) for flag in ("seq_len", "eval_tokens", "micro_batch")}
     for flag, value in given.items():
@@ -87,7 +88,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from relora.errors import ConfigError
     from relora.fileio import ownership
     from relora.run import checkpoint as ckpt
-    from relora.train import export_dense, model_from_checkpoint
+    from relora.run.build import model_from_checkpoint
+    from relora.run.export import export_dense
 
     source = Path(args.checkpoint)
     if not (source / ckpt.MARKER).is_file():

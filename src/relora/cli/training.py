@@ -32,7 +32,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from relora.run.distributed import env_rank
     from relora.run.resolve import new_run_config, resume_config
-    from relora.train import check_inputs, finished_summary, train
+    from relora.run.inputs import check_inputs
+    from relora.run.summary import finished_summary
+    from relora.train import train
 
     overrides = train_overrides(args)
     lr = overrides.pop("lr", None)

@@ -43,7 +43,8 @@ from relora.finetune.examples import (
 )
 from relora.finetune.metrics import classification_metrics
 from relora.models import count_parameters
-from relora.train import pick_device, save_dense
+from relora.run.device import pick_device
+from relora.run.export import save_dense
 
 logger = logging.getLogger(__name__)
 
