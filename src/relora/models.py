@@ -242,16 +242,6 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def check_device(name: str) -> None:
-    """ConfigError unless ``name`` is ``auto`` or a device string torch understands (cpu, cuda, cuda:N, ...)."""
-    if name == "auto":
-        return
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-
-
 def load_pretrained(path: str | Path) -> transformers.PreTrainedModel:
     """A causal LM saved with ``save_pretrained`` in a local directory, in float32; never downloads."""
     path = Path(path)

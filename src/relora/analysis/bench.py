@@ -24,11 +24,11 @@ from relora.analysis.peak_memory import measure_peak_memory
 from relora.errors import ConfigError
 from relora.models import (
     build_model,
-    check_device,
     count_parameters,
     llama_config,
     load_preset,
 )
+from relora.run.device import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def build(setup: BenchSetup, method: str, quantize: str | None = None
     """The model and AdamW of ``method`` (its frozen weights stored as ``quantize``, for ReLoRA) on the setup's
     device, prepared as the trainer prepares a model (activation checkpointing, compile)."""
     from relora import ReLoRAConfig, wrap
-    from relora.run.config import TrainConfig
     from relora.run.build import prepare_for_training
+    from relora.run.config import TrainConfig
 
     model = build_model(setup.llama, setup.seed)
     if method == "relora":

@@ -46,15 +46,14 @@ def _describe_data(meta: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from relora.data import TokenWindows, load_prepared
-    from relora.models import check_device
+    from relora.run.build import model_from_path
+    from relora.run.device import autocast_for, check_device, pick_device
     from relora.run.evaluation import (
         check_same_tokenizer,
         eval_settings,
         evaluate,
         perplexity,
     )
-    from relora.run.build import model_from_path
-    from relora.run.device import autocast_for, pick_device
 
     given = {flag: getattr(args, flag) for flag in ("seq_len", "eval_tokens", "micro_batch")}
     for flag, value in given.items():

@@ -54,7 +54,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
-        from relora.models import check_device
+        from relora.run.device import check_device
 
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")

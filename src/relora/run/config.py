@@ -146,7 +146,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
-        from relora.models import check_device, llama_config
+        from relora.models import llama_config
+        from relora.run.device import check_device
 
         check_types(self)
         self._check_choices()

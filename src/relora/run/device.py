@@ -11,6 +11,16 @@ import torch
 from relora.errors import ConfigError
 
 
+def check_device(name: str) -> None:
+    """ConfigError unless ``name`` is ``auto`` or a device string torch understands (cpu, cuda, cuda:N, ...)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
 def pick_device(name: str) -> torch.device:
     """``auto``: CUDA when there is one, else the CPU; a CUDA device without CUDA is a user error."""
     if name == "auto":
