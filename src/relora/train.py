@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from relora.run.evaluation import evaluate, lm_loss, perplexity
 from relora.run.export import export_dense, reference_step, save_reference
 from relora.run.inputs import RunData, load_run_data
 from relora.run.logbook import Logbook
+from relora.run.merge_eval import MergeLosses, controller_step, merge_eval_windows
 from relora.run.phase import Phase, build_phase, rescale_lr, switch_to_adapters
 from relora.run.state import RunState
 from relora.run.summary import RunSummary
@@ -166,6 +168,7 @@ class _StepResult:
     event: StepEvent | None  # what the controller did after it
     stop: bool  # a rank was asked to stop (SIGINT/SIGTERM)
     optimizer_state_bytes: int
+    merge_losses: MergeLosses | None = None  # with --eval-merges, at a merge
 
 
 def setup(cfg: TrainConfig, dist: Dist, *, resume: bool) -> _Run:
@@ -266,11 +269,12 @@ def train_step(run: _Run, net: _Trainee, state: RunState, stop: StopOnSignal) ->
     phase.scheduler.step()
     state.step += 1
     state.tokens += run.tokens_per_step
-    event = phase.controller.step(state.step) if phase.controller is not None else None
-    state.train_s += time.perf_counter() - step_start
+    measure = partial(_evaluate, run, net.model, run.data.val, merge_eval_windows(cfg)) if cfg.eval_merges else None
+    event, merge_losses = controller_step(phase.controller, state.step, measure)
+    state.train_s += time.perf_counter() - step_start - (merge_losses.seconds if merge_losses else 0.0)
     state_bytes = optimizer_state_bytes(phase.optimizer)  # after the step: the state exists from step 1
     state.peak_optimizer_state_bytes = max(state.peak_optimizer_state_bytes, state_bytes)
-    return _StepResult(loss, grad_norm, lr, event, stops > 0, state_bytes)
+    return _StepResult(loss, grad_norm, lr, event, stops > 0, state_bytes, merge_losses)
 
 
 def _accumulate_gradients(run: _Run, net: _Trainee, step: int) -> float:
@@ -298,6 +302,8 @@ def log(run: _Run, net: _Trainee, state: RunState, result: _StepResult, book: Lo
     step, event, controller = state.step, result.event, net.phase.controller
     if not (step % run.cfg.log_every == 0 or step == run.cfg.steps or (event is not None and event.merged)):
         return None
+    if result.merge_losses is not None:  # evaluation time is not training throughput
+        book.window_start += result.merge_losses.seconds
     record = {
         "step": step, "tokens": state.tokens, "loss": state.window_loss / state.window_steps, "lr": result.lr,
         "grad_norm": result.grad_norm, "tokens_per_s": book.tokens_per_s(run.tokens_per_step),
@@ -309,6 +315,8 @@ def log(run: _Run, net: _Trainee, state: RunState, result: _StepResult, book: Lo
         "restart": bool(event and event.restarted),
         "wrapped": net.phase.wrapped,
     }
+    if result.merge_losses is not None:
+        record.update(result.merge_losses.record())
     book.show(record)
     state.window_loss, state.window_steps = 0.0, 0
     book.restart_clock()
@@ -326,9 +334,11 @@ def validate(run: _Run, net: _Trainee, state: RunState, record: dict | None) -> 
     return record
 
 
-def _evaluate(run: _Run, model: nn.Module, windows: TokenWindows) -> float:
+def _evaluate(run: _Run, model: nn.Module, windows: TokenWindows, num_windows: int | None = None) -> float:
+    """The mean loss of ``num_windows`` windows spread over ``windows`` (default: those of ``eval_tokens``)."""
     cfg, dist = run.cfg, run.dist
-    return evaluate(model, windows, num_windows=max(1, cfg.eval_tokens // cfg.seq_len), micro_batch=cfg.micro_batch,
+    num_windows = num_windows or max(1, cfg.eval_tokens // cfg.seq_len)
+    return evaluate(model, windows, num_windows=num_windows, micro_batch=cfg.micro_batch,
                     device=dist.device, autocast=run.autocast, rank=dist.rank, world_size=dist.world_size,
                     reduce=dist.all_reduce)
 

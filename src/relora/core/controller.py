@@ -86,12 +86,16 @@ class ReLoRA:
         """Steps (< total_steps) at which adapters are merged and re-initialised."""
         return self._due_steps(self.config.merge_every, total_steps)
 
+    def merges_at(self, global_step: int) -> bool:
+        """Whether ``step(global_step)`` will merge: a caller can look at the model right before the merge."""
+        return self._is_due(global_step, self.config.merge_every)
+
     def step(self, global_step: int) -> StepEvent:
         """Merge / prune if ``global_step`` (optimizer steps done) is due."""
         event = StepEvent(step=global_step)
         if not self._layout_checked:  # the probe could not run: check the state the first steps created
             self._layout_checked = self._check_optimizer(probe=False)
-        if not self._is_due(global_step, self.config.merge_every):
+        if not self.merges_at(global_step):
             return event
         # Seed from the step: identical on every rank, different every cycle.
         merge_and_reinit(self.model, seed=self.config.seed + global_step,

@@ -89,8 +89,10 @@ class TrainConfig:
     min_lr_ratio: float = setting(0.1, "the cosine schedule's floor, a fraction of the peak LR", flag=None)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay of matrices (not of norms, biases, "
                                   "embeddings; for adapter methods of W + s B A: docs/method.md); default 0")
-    beta1: float = setting(0.9, "Adam's beta1", flag=None)
-    beta2: float = setting(0.999, "Adam's beta2", flag=None)
+    beta1: float = setting(0.9, "Adam's beta1, the decay of its first moment (AdamW, and the Adam of galore / "
+                           "apollo; default 0.9)")
+    beta2: float = setting(0.999, "Adam's beta2, the decay of its second moment (AdamW, and the Adam of galore / "
+                           "apollo; default 0.999)")
     grad_clip: float = setting(1.0, "clip the gradient norm at this value (default 1.0; 0: no clipping)")
     batch_tokens: int = setting(4096, "global batch size in tokens")
     micro_batch: int = setting(32, "sequences per forward pass (gradient accumulation is derived)")
@@ -98,6 +100,9 @@ class TrainConfig:
     sampling: str = setting("sequential", "sequential (one shuffled pass, no repetition) or random windows")
     eval_every: int = setting(250, "steps between evaluations (0: only at the end)", resumable=True)
     eval_tokens: int = setting(65536, "validation tokens per evaluation", resumable=True)
+    eval_merges: bool = setting(False, "at every merge, the validation loss on a fixed subset of the evaluation "
+                                "windows right before and right after it, as merge_loss_before / merge_loss_after in "
+                                "metrics.jsonl (a correct merge leaves it unchanged)", resumable=True)
     save_every: int = setting(500, "steps between checkpoints (0: only at the end)", resumable=True)
     keep_checkpoints: int = setting(2, "checkpoints kept (the latest)", flag=None, resumable=True)
     log_every: int = setting(10, "steps between metrics records", resumable=True)
@@ -202,6 +207,9 @@ class TrainConfig:
         for name in ("lr", "relora_lr", "proj_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.grad_clip >= 0:
             raise ConfigError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip!r}")
         if self.batch_tokens % self.seq_len:
