@@ -214,6 +214,47 @@ def test_every_exposed_setting_has_exactly_one_flag_with_help(command):
     assert all(f.metadata["help"].strip() for f in fields(config_class)), "every field says what it means"
 
 
+def test_bench_flags_are_its_settings_fields_with_help():
+    """The flags of bench are the fields of BenchSetup and BenchOptions that declare one, each once, with the
+    field's help; a setting that means what a TrainConfig one means has that field's help text (written once)."""
+    from dataclasses import fields
+
+    from relora.analysis.bench_setup import BenchOptions, BenchSetup
+    from relora.run.config import TrainConfig
+
+    declared = [f for cls in (BenchSetup, BenchOptions) for f in fields(cls)]
+    exposed = {f.name: f for f in declared if f.metadata["flag"] is not None}
+    flags = config_flags("bench", {"quantize", "explain", "json"})
+    assert set(flags) == set(exposed)
+    for name, actions in flags.items():
+        assert len(actions) == 1, name
+        assert actions[0].help and actions[0].help == exposed[name].metadata["help"], name
+    assert all(f.metadata["help"].strip() for f in declared), "every field says what it means"
+    train_help = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+    for name in ("preset", "rank", "seq_len", "device", "gradient_checkpointing", "compile"):
+        assert exposed[name].metadata["help"].startswith(train_help[name]), name
+
+
+def test_bench_flags_keep_their_names_and_defaults():
+    from relora.analysis.bench_setup import BenchOptions, BenchSetup
+    from relora.cli import build_parser
+    from relora.cli.flags import setting_values
+
+    args = build_parser().parse_args(["bench"])
+    assert setting_values(args, BenchSetup) == {} and BenchOptions(**setting_values(args, BenchOptions)) == \
+        BenchOptions("full,relora", 2, 5, True, False, False)
+    assert (args.quantize, args.explain, args.json) == (None, False, None)
+    args = build_parser().parse_args(["bench", "--preset", "20m", "--rank", "8", "--seq-len", "64", "--micro-batch",
+                                      "3", "--vocab-size", "100", "--frozen-dtype", "bfloat16", "--device", "cpu",
+                                      "--gradient-checkpointing", "--compile", "--methods", "relora", "--warmup", "0",
+                                      "--repeats", "1", "--no-memory", "--merge", "--max-micro-batch"])
+    assert setting_values(args, BenchSetup) == {"preset": "20m", "rank": 8, "seq_len": 64, "micro_batch": 3,
+                                                "vocab_size": 100, "frozen_dtype": "bfloat16", "device": "cpu",
+                                                "gradient_checkpointing": True, "compile": True}
+    assert setting_values(args, BenchOptions) == {"methods": "relora", "warmup": 0, "repeats": 1, "memory": False,
+                                                  "merge": True, "max_micro_batch": True}
+
+
 def test_switch_flags_turn_their_setting_off_or_on():
     from relora.cli import build_parser, train_overrides
 
@@ -442,7 +483,7 @@ def test_prepare_train_export_eval_stderr_has_no_noise(tiny_config, tmp_path):
 def test_help_imports_no_torch():
     """`relora --help` and a subcommand's help answer without loading torch, peft or transformers (issue 19)."""
     probe = ("import sys\nfrom relora.cli import main\nfor argv in (['--help'], ['train', '--help'], ['prepare', "
-             "'--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "'--help'], ['bench', '--help']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
              "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules), file=sys.stderr)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)

@@ -6,6 +6,7 @@ hits both alike and the ratio is meaningful even on a busy machine. Peak
 memory: each method runs alone in a fresh process (``peak_memory``, shared
 with ``relora bench --quantize``). Each model is prepared as the trainer
 prepares it (``prepare_for_training``: activation checkpointing, compile).
+The setup and its flags: ``bench_setup``.
 """
 
 from __future__ import annotations
@@ -14,77 +15,18 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from relora.analysis.bench_setup import BenchSetup
 from relora.analysis.costs import METHODS, CostModel
 from relora.analysis.peak_memory import measure_peak_memory
 from relora.errors import ConfigError
-from relora.models import (
-    build_model,
-    count_parameters,
-    llama_config,
-    load_preset,
-)
-from relora.run.device import check_device
+from relora.models import build_model, count_parameters, load_preset
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_VOCAB = 32100  # the paper's T5 tokenizer, for presets that do not name a vocabulary
-
-
-@dataclass(frozen=True)
-class BenchSetup:
-    """What is benchmarked: one preset's architecture at a rank, sequence length and micro-batch."""
-
-    preset: str
-    rank: int
-    seq_len: int
-    micro_batch: int
-    vocab_size: int
-    device: str
-    frozen_dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    seed: int = 0
-
-    @classmethod
-    def from_preset(cls, preset: str, *, rank: int | None = None, seq_len: int | None = None,
-                    micro_batch: int | None = None, device: str = "auto", frozen_dtype: str | None = None,
-                    vocab_size: int | None = None, gradient_checkpointing: bool = False,
-                    compile: bool = False) -> BenchSetup:
-        train = load_preset(preset)["train"]
-        check_device(device)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        setup = cls(
-            preset=preset,
-            # `is None`, not `or`: an explicit 0 is an error to report, not a request for the default
-            rank=train.get("rank", 128) if rank is None else rank,
-            seq_len=train.get("seq_len", 256) if seq_len is None else seq_len,
-            micro_batch=(train.get("micro_batch", 1) if device.startswith("cuda") else 1) if micro_batch is None
-            else micro_batch,
-            vocab_size=train.get("vocab_size", DEFAULT_VOCAB) if vocab_size is None else vocab_size,
-            device=device,
-            frozen_dtype=frozen_dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
-            gradient_checkpointing=gradient_checkpointing,
-            compile=compile,
-        )
-        for name in ("rank", "seq_len", "micro_batch", "vocab_size"):
-            if getattr(setup, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(setup, name)}")
-        if setup.frozen_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"--frozen-dtype must be float32 or bfloat16, got {setup.frozen_dtype!r}")
-        return setup
-
-    @property
-    def llama(self):
-        return llama_config(load_preset(self.preset)["model"], self.vocab_size, self.seq_len)
-
-    def cost_model(self) -> CostModel:
-        return CostModel(self.llama, self.seq_len, self.rank, frozen_bytes=2 if self.frozen_dtype == "bfloat16" else 4)
 
 
 def build(setup: BenchSetup, method: str, quantize: str | None = None

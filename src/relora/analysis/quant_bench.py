@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from relora.analysis.bench import BenchSetup, build, make_step, step_figures
+from relora.analysis.bench import build, make_step, step_figures
+from relora.analysis.bench_setup import BenchSetup
 from relora.analysis.peak_memory import measure_peak_memory
 from relora.errors import ConfigError
 

@@ -55,15 +55,17 @@ def flagged_fields(config_class: type, *, compare: bool = False) -> list[Field]:
             if f.metadata.get("flag") is not None and (f.metadata["compare"] or not compare)]
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, config_class: type, *, compare: bool = False) -> None:
-    """One argument per flagged field of ``config_class``, in field order."""
+def add_setting_flags(parser: argparse.ArgumentParser, config_class: type, *, compare: bool = False,
+                      optional: bool = False) -> None:
+    """One argument per flagged field of ``config_class``, in field order. ``optional``: no flag is required, even
+    of a field without a default (the command fills what is not given, as ``relora bench`` from the preset)."""
     for f in flagged_fields(config_class, compare=compare):
-        flag_names, kwargs = flag_arguments(f)
+        flag_names, kwargs = flag_arguments(f, optional=optional)
         parser.add_argument(*flag_names, **kwargs)
 
 
-def flag_arguments(f: Field) -> tuple[list[str], dict[str, Any]]:
-    """``add_argument``'s names and keywords for the field ``f``."""
+def flag_arguments(f: Field, *, optional: bool = False) -> tuple[list[str], dict[str, Any]]:
+    """``add_argument``'s names and keywords for the field ``f`` (``optional``: never required)."""
     meta = f.metadata
     flag = meta["flag"] or "--" + f.name.replace("_", "-")
     kinds = [k.strip() for k in str(f.type).split("|") if k.strip() != "None"]
@@ -77,7 +79,7 @@ def flag_arguments(f: Field) -> tuple[list[str], dict[str, Any]]:
         kwargs["choices"] = list(meta["choices"])
     if not flag.startswith("-"):  # a positional argument, shown as the flag's name
         return [f.name], {**kwargs, "metavar": flag}
-    if f.default is MISSING and f.default_factory is MISSING:
+    if f.default is MISSING and f.default_factory is MISSING and not optional:
         kwargs["required"] = True
     return [flag], kwargs
 

@@ -1,8 +1,8 @@
 """The ``relora`` command line: one subparser per command.
 
-The flags of ``train``, ``compare`` and ``finetune`` are generated from the
-fields of TrainConfig and FinetuneConfig (relora.cli.flags); only each
-command's own flags are written here.
+The flags of ``train``, ``compare``, ``finetune`` and ``bench`` are generated
+from the fields of TrainConfig, FinetuneConfig and BenchSetup / BenchOptions
+(relora.cli.flags); only each command's own flags are written here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from relora import __version__
+from relora.analysis.bench_setup import BenchOptions, BenchSetup
 from relora.cli.flags import add_setting_flags, float_list, names
 from relora.cli.tools import (
     cmd_analyze,
@@ -141,27 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="full-rank vs ReLoRA step throughput and memory, against the cost model's bounds",
                        description="Time full-rank and ReLoRA training steps side by side (median after warm-up), "
                                    "measure each method's peak memory in a fresh process, and compare the ratios "
-                                   "with the bounds computed from FLOPs and state bytes.")
-    b.add_argument("--preset", default="tiny", help="architecture to benchmark (default tiny)")
-    b.add_argument("--rank", type=int, help="adapter rank (default: the preset's)")
-    b.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
-    b.add_argument("--micro-batch", type=int, help="sequences per step (default: the preset's on GPU, 1 on CPU)")
-    b.add_argument("--methods", default="full,relora", help="comma-separated: full, relora (default both)")
-    b.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's, else 32100)")
-    b.add_argument("--frozen-dtype", help="storage of frozen weights: float32 or bfloat16 (default: bf16 on GPU)")
-    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    b.add_argument("--gradient-checkpointing", action="store_true", help="both methods with activation checkpointing")
-    b.add_argument("--compile", action="store_true", help="both methods torch.compile'd (warm-up includes compiling)")
-    b.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    b.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
-    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    b.add_argument("--merge", action="store_true", help="also time merge_and_reinit of the whole model")
-    b.add_argument("--max-micro-batch", action="store_true",
-                   help="GPU only: also find the largest micro-batch each method fits (doubling, then bisecting)")
-    b.add_argument("--quantize", metavar="FORMATS",
+                                   "with the bounds computed from FLOPs and state bytes.",
+                       argument_default=argparse.SUPPRESS)
+    add_setting_flags(b, BenchSetup, optional=True)  # what is not given: the preset's (BenchSetup.from_preset)
+    add_setting_flags(b, BenchOptions)
+    b.add_argument("--quantize", metavar="FORMATS", default=None,
                    help="compare ReLoRA with its frozen weights stored as each of these, e.g. none,int8,nf4 "
                         "(needs pip install 'relora[quantize]'); --methods is then ignored")
-    b.add_argument("--explain", action="store_true", help="print the cost model's bounds only; measure nothing")
-    b.add_argument("--json", help="write the results to this JSON file")
+    b.add_argument("--explain", action="store_true", default=False,
+                   help="print the cost model's bounds only; measure nothing")
+    b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.set_defaults(func=cmd_bench)
     return parser

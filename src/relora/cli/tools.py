@@ -160,33 +160,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from relora.analysis.bench import BenchSetup, format_result, run_bench, write_json
+    from relora.analysis.bench import format_result, run_bench, write_json
+    from relora.analysis.bench_setup import BenchOptions, BenchSetup
     from relora.analysis.costs import METHODS
+    from relora.cli.flags import setting_values
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    options = BenchOptions(**setting_values(args, BenchOptions))
+    methods = tuple(m.strip() for m in options.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise UsageError(f"unknown bench method {(unknown or [args.methods])[0]!r}; --methods takes a comma-separated "
-                         f"subset of: {', '.join(METHODS)}")
-    if args.warmup < 0 or args.repeats < 1:
+        raise UsageError(f"unknown bench method {(unknown or [options.methods])[0]!r}; --methods takes a "
+                         f"comma-separated subset of: {', '.join(METHODS)}")
+    if options.warmup < 0 or options.repeats < 1:
         raise UsageError("--warmup must be >= 0 and --repeats >= 1")
-    setup = BenchSetup.from_preset(args.preset, rank=args.rank, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                                   device=args.device, frozen_dtype=args.frozen_dtype, vocab_size=args.vocab_size,
-                                   gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
+    setup = BenchSetup.from_preset(**setting_values(args, BenchSetup))
     if args.quantize:
-        return _bench_quantize(args, setup)
+        return _bench_quantize(args, options, setup)
     cost = setup.cost_model()
     print(f"preset {setup.preset}, rank {setup.rank}, seq {setup.seq_len}, micro-batch {setup.micro_batch}: "
           f"the cost model says")
     print(cost.explain())
     if args.explain:
         return 0
-    if args.max_micro_batch and not setup.device.startswith("cuda"):
+    if options.max_micro_batch and not setup.device.startswith("cuda"):
         raise UsageError("--max-micro-batch needs a CUDA device (on CPU, running out of RAM swaps or kills the "
                          "process instead of raising an error); drop the flag or use --device cuda")
-    result = run_bench(setup, methods=methods, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
-                       merge=args.merge, progress=lambda text: logger.info("bench: %s", text))
-    if args.max_micro_batch:
+    result = run_bench(setup, methods=methods, warmup=options.warmup, repeats=options.repeats, memory=options.memory,
+                       merge=options.merge, progress=lambda text: logger.info("bench: %s", text))
+    if options.max_micro_batch:
         from relora.analysis.bench import max_micro_batch
 
         result["max_micro_batch"] = {}
@@ -200,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_quantize(args: argparse.Namespace, setup) -> int:
+def _bench_quantize(args: argparse.Namespace, options, setup) -> int:
     """relora bench --quantize none,int8,nf4: ReLoRA with each storage of the frozen weights."""
     from relora.analysis.quant_bench import (
         format_quantize_result,
@@ -209,7 +210,7 @@ def _bench_quantize(args: argparse.Namespace, setup) -> int:
     )
 
     formats = parse_formats(args.quantize)
-    result = run_quantize_bench(setup, formats, warmup=args.warmup, repeats=args.repeats, memory=not args.no_memory,
+    result = run_quantize_bench(setup, formats, warmup=options.warmup, repeats=options.repeats, memory=options.memory,
                                 progress=lambda text: logger.info("bench: %s", text))
     print(format_quantize_result(result))
     if args.json:
