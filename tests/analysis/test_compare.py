@@ -117,3 +117,24 @@ def test_compare_bad_procedure_is_one_line(argv, message, prepared_data, tmp_pat
                  "--set", "main", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_full_rank_rows_ignore_adapter_settings_so_one_run_serves_every_study_table(tmp_path):
+    """Full-rank training reads no adapter setting: a comparison that varies only those (the study's tables)
+    resolves the same full-rank run, while the adapter rows get what was asked."""
+    from relora.analysis.compare_sets import MAIN_SET, resolve_run
+    from relora.run.config import ADAPTER_ONLY
+
+    specs = {s.name: s for s in MAIN_SET}
+    varied = {"rank": 16, "alpha": 8.0, "restart_adam_step": "reset", "prune_ratio": 0.9, "dropout": 0.1,
+              "restart_warmup_steps": 5, "eval_merges": True}
+    config_file = tmp_path / "study.yaml"
+    config_file.write_text("restart_adam_step: reset\nprune_ratio: 0.5\n")
+    plain = resolve_run(specs["full"], tmp_path, preset="tiny", config_file=None, overrides={}, lr=1e-3)
+    for overrides, file in ((varied, None), ({}, str(config_file)), (varied, str(config_file))):
+        full = resolve_run(specs["full"], tmp_path, preset="tiny", config_file=file, overrides=overrides, lr=1e-3)
+        assert full.to_dict() == plain.to_dict()
+    relora = resolve_run(specs["relora"], tmp_path, preset="tiny", config_file=None, overrides=varied, lr=1e-3)
+    assert {k: getattr(relora, k) for k in varied} == varied
+    assert {"rank", "relora_lr", "restart_adam_step", "reference_defects"} <= set(ADAPTER_ONLY)
+    assert not {"lr", "steps", "warm_start_steps", "seed", "warm_start", "jagged"} & set(ADAPTER_ONLY)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relora.run.config import ADAPTER_METHODS, PROJECTION_METHODS, TrainConfig
+from relora.run.config import ADAPTER_METHODS, ADAPTER_ONLY, PROJECTION_METHODS, TrainConfig
 from relora.run.resolve import resolve_config
 
 ABLATION_SWITCHES = ("restarts", "optimizer_reset", "jagged", "warm_start")
@@ -116,6 +116,9 @@ def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_fil
     values = {**overrides, **spec.settings}
     if values.get("method") not in ADAPTER_METHODS:  # the study-only reference defects are adapters' defects:
         values.pop("reference_defects", None)  # full-rank runs are the same run without them, and reused
+    if values.get("method") == "full":  # reads no adapter setting: pinned to the preset's, one run for all of them
+        plain = resolve_config(preset=preset, overrides={k: v for k, v in values.items() if k not in ADAPTER_ONLY})
+        values.update({k: getattr(plain, k) for k in ADAPTER_ONLY})
     if clip_rule == "published" and spec.settings["method"] in PUBLISHED_GRAD_CLIP:
         values["grad_clip"] = PUBLISHED_GRAD_CLIP[spec.settings["method"]]
     base = resolve_config(preset=preset, config_file=config_file, overrides=values)

@@ -20,7 +20,7 @@ from relora.baselines import (
     PROJECTION_METHODS,  # torch-free at import: `relora --help` reads this module
 )
 from relora.errors import ConfigError
-from relora.run.fields import check_types, setting
+from relora.run.fields import adapter_setting, check_types, setting
 
 if TYPE_CHECKING:
     from relora.core.config import ReLoRAConfig
@@ -54,29 +54,29 @@ class TrainConfig:
                          "not given (warm start, restart interval, eval/save intervals) scale with it")
     warmup_steps: int = setting(50, "steps of linear LR warm-up at the start of the run", flag=None)
     warm_start_steps: int = setting(250, "full-rank steps before LoRA/ReLoRA starts")
-    reset_every: int = setting(250, "steps between ReLoRA restarts (merge, optimizer reset, LR re-warmup)")
-    merge_every: int | None = setting(None, "steps between merges for online-relora (must divide --reset-every)")
-    restart_warmup_steps: int = setting(25, "steps of linear LR re-warmup after each restart")
-    rank: int = setting(128, "adapter rank r")
-    alpha: float = setting(32.0, "adapter alpha (scale = alpha / rank)")
-    dropout: float = setting(0.0, "adapter dropout", flag=None)
-    target_modules: list[str] | None = setting(None, "module-name patterns to wrap (default: every linear layer but "
+    reset_every: int = adapter_setting(250, "steps between ReLoRA restarts (merge, optimizer reset, LR re-warmup)")
+    merge_every: int | None = adapter_setting(None, "steps between merges for online-relora (must divide --reset-every)")
+    restart_warmup_steps: int = adapter_setting(25, "steps of linear LR re-warmup after each restart")
+    rank: int = adapter_setting(128, "adapter rank r")
+    alpha: float = adapter_setting(32.0, "adapter alpha (scale = alpha / rank)")
+    dropout: float = adapter_setting(0.0, "adapter dropout", flag=None)
+    target_modules: list[str] | None = adapter_setting(None, "module-name patterns to wrap (default: every linear layer but "
                                                "the output head)", flag=None)
-    quantize: str | None = setting(None, "store the frozen weights of wrapped layers in nf4 or int8 "
+    quantize: str | None = adapter_setting(None, "store the frozen weights of wrapped layers in nf4 or int8 "
                                    "(pip install 'relora[quantize]')", compare=False)
-    master_weights: str | None = setting(None, "with --quantize: cpu keeps a float32 copy of the frozen weights in "
+    master_weights: str | None = adapter_setting(None, "with --quantize: cpu keeps a float32 copy of the frozen weights in "
                                          "CPU memory; merges go into it, so quantization error does not accumulate",
                                          compare=False)
-    frozen_dtype: str = setting("float32", "storage of the frozen weights of wrapped layers: float32 (default) or "
+    frozen_dtype: str = adapter_setting("float32", "storage of the frozen weights of wrapped layers: float32 (default) or "
                                 "bfloat16 (half the device memory; merges keep their rounding residual in CPU "
                                 "memory)")
-    prune: str = setting("magnitude", "optimizer reset: magnitude (default), random, full, none, independent")
-    prune_ratio: float = setting(0.99, "fraction of the adapters' Adam moments zeroed at each restart")
-    restart_adam_step: str = setting("keep", "Adam's step counter of the pruned adapters at a restart: keep "
+    prune: str = adapter_setting("magnitude", "optimizer reset: magnitude (default), random, full, none, independent")
+    prune_ratio: float = adapter_setting(0.99, "fraction of the adapters' Adam moments zeroed at each restart")
+    restart_adam_step: str = adapter_setting("keep", "Adam's step counter of the pruned adapters at a restart: keep "
                                      "(default, as the paper) or reset (bias correction starts afresh for the fresh "
                                      "moments)")
     # STUDY ONLY, never on by default: relora.core.config.REFERENCE_DEFECTS, docs/method.md
-    reference_defects: list[str] = setting(
+    reference_defects: list[str] = adapter_setting(
         help="FOR STUDY ONLY, off by default: reproduce defects of the reference / relora-pico code, "
              "comma-separated: zero-init-a (A zeroed with B at wrap), unscaled-merge (merges fold B A, not "
              "alpha/rank B A), independent-masks (with --prune random: separate random masks for Adam's m and v); "
@@ -85,7 +85,7 @@ class TrainConfig:
     # the method's main phase (set_peak_lr), so relora_lr or proj_lr for the methods that have one.
     lr: float = setting(1e-3, "peak learning rate of the method (for adapter methods: after the warm start)",
                         compare=False)
-    relora_lr: float = setting(2e-3, "peak LR once adapters train (spec section 6: 1.5-2x full-rank)", flag=None)
+    relora_lr: float = adapter_setting(2e-3, "peak LR once adapters train (spec section 6: 1.5-2x full-rank)", flag=None)
     min_lr_ratio: float = setting(0.1, "the cosine schedule's floor, a fraction of the peak LR", flag=None)
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay of matrices (not of norms, biases, "
                                   "embeddings; for adapter methods of W + s B A: docs/method.md); default 0")
@@ -100,7 +100,7 @@ class TrainConfig:
     sampling: str = setting("sequential", "sequential (one shuffled pass, no repetition) or random windows")
     eval_every: int = setting(250, "steps between evaluations (0: only at the end)", resumable=True)
     eval_tokens: int = setting(65536, "validation tokens per evaluation", resumable=True)
-    eval_merges: bool = setting(False, "at every merge, the validation loss on a fixed subset of the evaluation "
+    eval_merges: bool = adapter_setting(False, "at every merge, the validation loss on a fixed subset of the evaluation "
                                 "windows right before and right after it, as merge_loss_before / merge_loss_after in "
                                 "metrics.jsonl (a correct merge leaves it unchanged)", resumable=True)
     save_every: int = setting(500, "steps between checkpoints (0: only at the end)", resumable=True)
@@ -353,6 +353,9 @@ FIELD_NAMES = [f.name for f in fields(TrainConfig)]
 # Changing these makes a checkpoint mean something else: a resume refuses them (and `relora compare` will not
 # reuse a run that differs in one). Every field but those declared ``resumable``.
 RESUME_INCOMPATIBLE = tuple(f.name for f in fields(TrainConfig) if not f.metadata["resumable"])
+# What full-rank training never reads: `relora compare` pins these to the preset's values for its full-rank rows,
+# so comparisons that vary only adapter settings (docs/results/study) reuse one full-rank run.
+ADAPTER_ONLY = tuple(f.name for f in fields(TrainConfig) if f.metadata["adapters_only"])
 
 
 def incompatible_changes(saved: dict, current: dict) -> list[str]:

@@ -17,7 +17,8 @@ from relora.errors import ConfigError
 
 def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
             flag: str | None = "", resumable: bool = False, compare: bool = True,
-            choices: tuple[str, ...] | None = None, parse: Callable[[str], Any] | None = None) -> Any:
+            choices: tuple[str, ...] | None = None, parse: Callable[[str], Any] | None = None,
+            adapters_only: bool = False) -> Any:
     """A config field with what the CLI and a resume need to know about it, so that it is declared once.
 
     ``help``: the flag's help text (for a field without a flag, what it means in a config file).
@@ -26,12 +27,18 @@ def setting(default: Any = MISSING, help: str = "", *, factory: Callable[[], Any
     ``resumable``: a resume may change it (the checkpoints mean the same); any other field it refuses.
     ``compare``: ``relora compare`` takes the flag too (it sets the method, run directory and LR per run).
     ``choices``, ``parse``: argparse's choices and type where the field's annotation does not say it.
+    ``adapters_only``: only the adapter methods read it; full-rank training is the same run whatever its value.
     """
     metadata = {"help": help, "flag": flag, "resumable": resumable, "compare": compare, "choices": choices,
-                "parse": parse}
+                "parse": parse, "adapters_only": adapters_only}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def adapter_setting(*args: Any, **kwargs: Any) -> Any:
+    """``setting`` of a field that only the adapter methods read (``adapters_only``)."""
+    return setting(*args, adapters_only=True, **kwargs)
 
 
 def check_types(config: Any) -> None:
