@@ -131,3 +131,28 @@ def test_study_commands_resolve(monkeypatch):
                                      lr=lr, seed_index=k, clip_rule=args.clip_rule).to_dict()
                 before = runs.setdefault(str(Path(config["out"]).resolve()), config)
                 assert not incompatible_changes(before, config), (command, config["out"])
+
+
+def test_results_progress_summarises_finished_partial_and_diverged_runs(tmp_path):
+    """docs/results/progress.py, the record committed while a long comparison runs."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("progress", ROOT / "docs" / "results" / "progress.py")
+    progress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(progress)
+    for name, files in {
+        "full-lr0.001-seed0": {"summary.json": json.dumps({"val_ppl": 99.974, "test_ppl": 105.126, "wall_s": 633.4})},
+        "relora-lr0.001-seed0": {"metrics.jsonl": '{"step": 10}\n{"step": 20}\n'},
+        "lora-lr0.01-seed0": {"diverged.json": "{}"},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("method: x\n")
+        for file, text in files.items():
+            (tmp_path / name / file).write_text(text)
+    (tmp_path / "not-a-run").mkdir()
+    text = progress.main(tmp_path)
+    assert "1 of 3 started runs finished" in text
+    assert "| full-lr0.001-seed0 | done | 99.97 | 105.13 | 633 |" in text
+    assert "| relora-lr0.001-seed0 | at step 20 |" in text and "| lora-lr0.01-seed0 | diverged |" in text
+    assert "not-a-run" not in text
