@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+from pathlib import Path
 
 # One thread for the whole suite, subprocesses included (relora's auto policy keeps an explicit
 # OMP_NUM_THREADS): its models are tiny, and on a shared 2-core machine 2 threads ran 4x slower
@@ -42,16 +43,20 @@ def tokens() -> torch.Tensor:
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
 
 
+def sample_corpus_data(corpus: Path, out: Path) -> Path:
+    """Some stdlib modules copied into ``corpus`` and prepared into ``out`` with a 512-token BPE."""
+    from relora.data import default_corpus_files, prepare
+
+    corpus.mkdir(parents=True, exist_ok=True)
+    for path in sorted(default_corpus_files(), key=lambda p: p.name)[:80]:
+        (corpus / f"{path.parent.name}_{path.name}.txt").write_bytes(path.read_bytes())
+    return prepare([corpus], out, vocab_size=512, val_fraction=0.1, progress=False)
+
+
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory):
     """A small real corpus (some stdlib modules), tokenized with a 512-token BPE."""
-    from relora.data import default_corpus_files, prepare
-
-    corpus = tmp_path_factory.mktemp("corpus")
-    for path in sorted(default_corpus_files(), key=lambda p: p.name)[:80]:
-        (corpus / f"{path.parent.name}_{path.name}.txt").write_bytes(path.read_bytes())
-    return prepare([corpus], tmp_path_factory.mktemp("data") / "prepared", vocab_size=512,
-                   val_fraction=0.1, progress=False)
+    return sample_corpus_data(tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("data") / "prepared")
 
 
 def without_test_split(prepared, dest):

@@ -61,13 +61,9 @@ def golden_runs(data: Path, work: Path) -> dict[str, list[dict]]:
 
 def corpus_data(work: Path) -> Path:
     """The prepared_data fixture's corpus, made the same way."""
-    from relora.data import default_corpus_files, prepare
+    from conftest import sample_corpus_data
 
-    corpus = work / "corpus"
-    corpus.mkdir()
-    for path in sorted(default_corpus_files(), key=lambda p: p.name)[:80]:
-        (corpus / f"{path.parent.name}_{path.name}.txt").write_bytes(path.read_bytes())
-    return prepare([corpus], work / "data" / "prepared", vocab_size=512, val_fraction=0.1, progress=False)
+    return sample_corpus_data(work / "corpus", work / "data" / "prepared")
 
 
 if __name__ == "__main__":

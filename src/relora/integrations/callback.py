@@ -30,7 +30,6 @@ optimizer reset diverges (paper, Table 6).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,7 @@ from relora.core.adapters import (
 from relora.core.config import ReLoRAConfig
 from relora.core.controller import ReLoRA, StepEvent
 from relora.core.schedule import jagged_cosine
+from relora.fileio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +198,8 @@ class ReLoRACallback(TrainerCallback, ExportableState):
         residuals = merge_residuals(model) if model is not None else {}  # every rank: sharded ones are gathered
         if not residuals or not state.is_world_process_zero:
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        tmp = folder / f".{MERGE_RESIDUALS_FILE}.tmp"
-        save_file({k: v.contiguous() for k, v in residuals.items()}, str(tmp))
-        os.replace(tmp, folder / MERGE_RESIDUALS_FILE)  # atomic: a crash leaves the old file or none
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / MERGE_RESIDUALS_FILE
+        write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in residuals.items()}, str(tmp)))
 
     def _load_merge_residuals(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         from safetensors.torch import load_file
