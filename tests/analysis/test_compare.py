@@ -138,3 +138,22 @@ def test_full_rank_rows_ignore_adapter_settings_so_one_run_serves_every_study_ta
     assert {k: getattr(relora, k) for k in varied} == varied
     assert {"rank", "relora_lr", "restart_adam_step", "reference_defects"} <= set(ADAPTER_ONLY)
     assert not {"lr", "steps", "warm_start_steps", "seed", "warm_start", "jagged"} & set(ADAPTER_ONLY)
+
+
+def test_an_interrupted_compare_says_how_to_continue_in_one_line(prepared_data, tmp_path, monkeypatch, capsys):
+    """SIGINT/SIGTERM reach compare as KeyboardInterrupt (the run saved a checkpoint): exit 130, no traceback."""
+    config = tmp_path / "cmp.yaml"
+    config.write_text(yaml.safe_dump(dict(model=TINY_MODEL, data=str(prepared_data), steps=8, warm_start_steps=2,
+                                          reset_every=2, batch_tokens=256, micro_batch=8, seq_len=32, device="cpu")))
+
+    def interrupted(cfg, *, resume=False, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(relora.train, "train", interrupted)
+    code = main(["compare", "--config", str(config), "--out", str(tmp_path / "cmp"), "--set", "main",
+                 "--methods", "full", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130
+    assert err[-1] == ("relora compare: interrupted; finished runs are kept and the run in progress saved a "
+                       "checkpoint: run the same command again to continue")
+    assert not any("Traceback" in line for line in err)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from relora.run.distributed import env_rank
-    from relora.run.resolve import new_run_config, resume_config
     from relora.run.inputs import check_inputs
+    from relora.run.resolve import new_run_config, resume_config
     from relora.run.summary import finished_summary
     from relora.train import train
 
@@ -138,10 +139,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sets = list(PAPER_SETS) if args.set == "all" else [args.set]
     if args.no_progress:
         quiet_transformers()
-    with logging_redirect_tqdm():
-        results = compare(sets=sets, out=Path(args.out), runs_dir=Path(args.runs) if args.runs else None,
-                          preset=None, config_file=args.config, overrides=overrides,
-                          threshold=args.threshold, progress=not args.no_progress, procedure=procedure)
+    try:
+        with logging_redirect_tqdm():
+            results = compare(sets=sets, out=Path(args.out), runs_dir=Path(args.runs) if args.runs else None,
+                              preset=None, config_file=args.config, overrides=overrides,
+                              threshold=args.threshold, progress=not args.no_progress, procedure=procedure)
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: the run in progress saved a checkpoint, finished runs are kept
+        print("relora compare: interrupted; finished runs are kept and the run in progress saved a checkpoint: "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
     for name, result in results["sets"].items():
         print(f"\n{name} set:\n{result['table']}")
     print(f"trained {len(results['trained_s'])} runs in {results['elapsed_s'] / 60:.1f} min; results in {args.out}")
