@@ -63,3 +63,32 @@ def test_max_micro_batch_on_cpu_is_a_one_line_error(capsys):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--max-micro-batch", "--no-memory"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--max-micro-batch needs a CUDA device" in err[0]
+
+
+def test_max_micro_batch_finds_the_largest_step_that_does_not_run_out_of_memory(monkeypatch):
+    """The CUDA-only search, driven on CPU with a step that raises OutOfMemoryError above a capacity."""
+    from dataclasses import replace
+
+    import torch
+
+    from relora.analysis import bench
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tried = []
+
+    def make_step(setup, m, o):
+        assert m is model and o is optimizer
+        tried.append(setup.micro_batch)
+
+        def step():
+            if setup.micro_batch > 37:
+                raise torch.OutOfMemoryError("fake")
+        return step
+
+    monkeypatch.setattr(bench, "build", lambda setup, method: (model, optimizer))
+    monkeypatch.setattr(bench, "make_step", make_step)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    setup = replace(BenchSetup.from_preset("tiny", rank=4, seq_len=32, micro_batch=2), device="cuda")
+    assert bench.max_micro_batch(setup, "relora", limit=256) == 37
+    assert 37 in tried and 38 in tried

@@ -126,9 +126,10 @@ def max_micro_batch(setup: BenchSetup, method: str, limit: int = 4096) -> int:
     if not setup.device.startswith("cuda"):
         raise ConfigError("--max-micro-batch needs a CUDA device: on CPU, memory is the machine's RAM and "
                           "running out of it swaps or kills the process instead of raising an error")
-    model, optimizer = build(setup, method)
+    built = list(build(setup, method))  # a list, so that the finally below can drop both before empty_cache
 
     def fits(micro_batch: int) -> bool:
+        model, optimizer = built
         try:
             step = make_step(replace(setup, micro_batch=micro_batch), model, optimizer)
             step()
@@ -143,7 +144,7 @@ def max_micro_batch(setup: BenchSetup, method: str, limit: int = 4096) -> int:
     try:
         return largest_fitting(fits, limit)
     finally:
-        del model, optimizer
+        built.clear()
         torch.cuda.empty_cache()
 
 
@@ -249,8 +250,8 @@ def format_result(result: dict) -> str:
              f"device {s['device']}  frozen {s['frozen_dtype']}"
              + ("  activation checkpointing" if s.get("gradient_checkpointing") else "")
              + ("  compiled" if s.get("compile") else ""),
-             f"{'method':>8} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9} {'predicted':>9} {'trainable':>12} "
-             f"{'total':>12}"]
+             (f"{'method':>8} {'tokens/s':>10} {'step s':>8} {'peak MiB':>9} {'predicted':>9} {'trainable':>12} "
+              f"{'total':>12}")]
     for method, m in result["methods"].items():
         peak = f"{m['peak_mem_bytes'] / 2**20:,.0f}" if "peak_mem_bytes" in m else "-"
         predicted = f"{m['predicted_peak_bytes'] / 2**20:,.0f}" if "predicted_peak_bytes" in m else "-"
