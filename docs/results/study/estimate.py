@@ -45,18 +45,18 @@ def cpu_minutes(preset: str, method: str, **kwargs) -> float:
 
 # (table, invocation, [(preset, method, runs, run_flops kwargs)]); runs = grid points + seeds - 1 per method.
 # Table "3?": instead of table 3's 4M-token rank rows, if full-rank and lora-ws are still within the noise at 4M.
-GRID4, GRID2 = 4 + 3 - 1, 2 + 3 - 1  # a 4-point (2-point) LR grid, then seeds 2 and 3 at the chosen LR
+GRID5, GRID2 = 5 + 3 - 1, 2 + 3 - 1  # the 5-point (2-point) LR grid, then seeds 2 and 3 at the chosen LR
 CPU_PLAN = [
-    ("1", "shipped (0 if issue 17's tiny runs exist)", [("tiny", "full", GRID4, {}), ("tiny", "relora", GRID4, {})]),
+    ("1", "shipped (0 if issue 17's tiny runs exist)", [("tiny", "full", GRID5, {}), ("tiny", "relora", GRID5, {})]),
     ("1", "--restart-adam-step reset", [("tiny", "relora", 3, {})]),
     ("1", "beta2 0.95", [("tiny", "relora", 3, {})]),
     ("1", "restart warm-up 5, 25, 90", [("tiny", "relora", 9, {})]),
-    ("2", "correct: full, relora, relora-no-warm-start", [("pico-tiny", "full", GRID4, {}),
-                                                         ("pico-tiny", "relora", GRID4, {}),
-                                                         ("pico-tiny", "relora", GRID4, {"warm_start": False})]),
+    ("2", "correct: full, relora, relora-no-warm-start", [("pico-tiny", "full", GRID5, {}),
+                                                         ("pico-tiny", "relora", GRID5, {}),
+                                                         ("pico-tiny", "relora", GRID5, {"warm_start": False})]),
     ("2", "3 defects alone + all three", [("pico-tiny", "relora", 12, {"warm_start": False})]),
-    ("3", "budget 1M tokens: full, lora-ws r4", [("pico-tiny", "full", GRID4, {}),
-                                                  ("pico-tiny", "lora-ws", GRID4, {"rank": 4})]),
+    ("3", "budget 1M tokens: full, lora-ws r4", [("pico-tiny", "full", GRID5, {}),
+                                                  ("pico-tiny", "lora-ws", GRID5, {"rank": 4})]),
     ("3", "budget 4M tokens: full, lora-ws r4", [("pico-tiny", "full", GRID2, {"steps": 2000}),
                                                   ("pico-tiny", "lora-ws", GRID2, {"steps": 2000, "rank": 4})]),
     ("3?", "budget 16M tokens: full, lora-ws r4", [("pico-tiny", "full", GRID2, {"steps": 8000}),
