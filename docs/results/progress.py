@@ -9,8 +9,11 @@ long comparison is under way (the run directories themselves, with their weights
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
+
+RUN_NAME = re.compile(r"^(?P<method>.+)-lr(?P<lr>[0-9.e+-]+)-seed(?P<seed>\d+)$")  # compare's run directories
 
 
 def rows(runs: Path) -> list[str]:
@@ -30,11 +33,30 @@ def rows(runs: Path) -> list[str]:
     return out
 
 
+def grid(runs: Path) -> list[str]:
+    """Seed 0's final val ppl per method and LR, the lowest in bold: the LR choice as it stands."""
+    val: dict[str, dict[float, float]] = {}
+    for summary in runs.glob("*/summary.json"):
+        name = RUN_NAME.match(summary.parent.name)
+        if name and name["seed"] == "0":
+            val.setdefault(name["method"], {})[float(name["lr"])] = json.loads(summary.read_text())["val_ppl"]
+    lrs = sorted({lr for by_lr in val.values() for lr in by_lr})
+    out = ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for method, by_lr in sorted(val.items()):
+        best = min(by_lr, key=by_lr.get)
+        cells = ["" if lr not in by_lr else f"**{by_lr[lr]:.2f}**" if lr == best else f"{by_lr[lr]:.2f}"
+                 for lr in lrs]
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main(runs: Path) -> str:
     table = rows(runs)
     done = sum("| done |" in r for r in table)
     return "\n".join([
         f"# Progress of `relora compare` in `{runs}`", "",
+        "Seed 0's final val ppl by peak LR (the lowest in bold; an empty cell has not finished):", "",
+        *grid(runs), "",
         f"{done} of {len(table)} started runs finished (val/test ppl at the end of each run; wall seconds).", "",
         "| run | state | val ppl | test ppl | wall s |", "|---|---|---|---|---|", *table, ""])
 
