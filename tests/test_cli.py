@@ -201,7 +201,7 @@ def test_every_exposed_setting_has_exactly_one_flag_with_help(command):
     config_class, own = {
         "train": (TrainConfig, {"config", "resume", "no_progress"}),
         "compare": (TrainConfig, {"set", "out", "runs", "config", "threshold", "methods", "lr", "lr_grid", "seeds",
-                                  "clip_rule", "no_progress"}),
+                                  "clip_rule", "widen_edges", "no_progress"}),
         "finetune": (FinetuneConfig, {"no_progress"}),
     }[command]
     exposed = {f.name: f for f in fields(config_class) if f.metadata["flag"] is not None

@@ -110,6 +110,7 @@ def test_compare_refuses_data_without_test_split_in_one_line(prepared_data, tmp_
     (["--lr", "1e-3", "--lr-grid", "1e-3,3e-3"], "not both"),
     (["--lr-grid", "1e-3,-1"], "--lr-grid"),
     (["--seeds", "0"], "--seeds"),
+    (["--widen-edges", "-1"], "--widen-edges"),
     (["--methods", "full,sgd"], "--methods sgd"),
 ])
 def test_compare_bad_procedure_is_one_line(argv, message, prepared_data, tmp_path, capsys):
@@ -157,3 +158,90 @@ def test_an_interrupted_compare_says_how_to_continue_in_one_line(prepared_data, 
     assert err[-1] == ("relora compare: interrupted; finished runs are kept and the run in progress saved a "
                        "checkpoint: run the same command again to continue")
     assert not any("Traceback" in line for line in err)
+
+
+def test_widened_lr_steps_past_the_edge_the_choice_sits_at():
+    from relora.analysis.compare_procedure import widened_lr
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        grid = sorted(set(np.round(10 ** rng.uniform(-4, -1, rng.integers(1, 6)), 6)))
+        losses = {float(lr): float(rng.uniform(3, 6)) for lr in grid}
+        best = min(losses, key=losses.get)
+        if len(grid) == 1 or grid[0] < best < grid[-1]:
+            expected = None
+        else:
+            expected = best * 3 if best == grid[-1] else best / 3
+        got = widened_lr(losses)
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert got == float(f"{expected:.3g}")  # 3 significant digits: readable run names
+    assert widened_lr({1e-3: 4.0, 1e-2: 3.9}) == 0.03 and widened_lr({3e-4: 4.0, 1e-3: 4.5}) == 0.0001
+
+
+def test_widen_grids_adds_runs_past_the_edge_until_the_choice_is_inside(tmp_path, monkeypatch):
+    """Stand-in runs whose val loss is a bowl in log LR, minimum at each method's own optimum."""
+    from relora.analysis import compare_procedure
+    from relora.run.config import TrainConfig
+
+    optimum = {"full": 2.5e-2, "relora": 5e-4, "lora": 2e-3}
+    trained = []
+
+    def config(name, lr):
+        method = "full" if name == "full" else "relora"
+        out = tmp_path / f"{name}-lr{lr:g}"
+        return TrainConfig(method=method, out=str(out), model=TINY_MODEL, steps=12, warm_start_steps=4,
+                           reset_every=4, restart_warmup_steps=1, **({"lr": lr} if method == "full" else
+                                                                     {"relora_lr": lr}))
+
+    def fake_run_set(configs, *, progress=True):
+        for c in configs:
+            name = Path(c.out).name.split("-lr")[0]
+            lr = c.lr if c.method == "full" else c.relora_lr
+            Path(c.out).mkdir(parents=True)
+            (Path(c.out) / "config.yaml").write_text(yaml.safe_dump(c.to_dict()))
+            (Path(c.out) / "summary.json").write_text(json.dumps(
+                {"val_loss": 4 + math.log10(lr / optimum[name]) ** 2, "steps": 12}))
+            trained.append((name, lr))
+        return {Path(c.out).name: 1.0 for c in configs}
+
+    monkeypatch.setattr(compare_procedure, "run_set", fake_run_set)
+    grids = {name: [config(name, lr) for lr in (1e-3, 2e-3, 3e-3)] for name in optimum}
+    fake_run_set([c for g in grids.values() for c in g])
+    trained.clear()
+    compare_procedure.widen_grids(grids, 5, config)
+    # full: 3e-3 is the edge -> 9e-3 (edge again) -> 0.027 (edge) -> 0.081, worse: 0.027 chosen, inside
+    # relora: 1e-3 is the edge -> 3.33e-4 (edge) -> 1.11e-4, worse; lora: 2e-3 is inside, nothing to widen
+    assert sorted(trained) == sorted([("full", 9e-3), ("full", 0.027), ("full", 0.081), ("relora", 3.33e-4),
+                                      ("relora", 1.11e-4)])
+    lrs = {name: [c.lr if c.method == "full" else c.relora_lr for c in g] for name, g in grids.items()}
+    assert lrs == {"full": [1e-3, 2e-3, 3e-3, 9e-3, 0.027, 0.081], "relora": [1.11e-4, 3.33e-4, 1e-3, 2e-3, 3e-3],
+                   "lora": [1e-3, 2e-3, 3e-3]}
+    trained.clear()
+    compare_procedure.widen_grids(grids, 5, config)  # nothing at an edge any more: nothing trains
+    assert trained == []
+    optimum["far"] = 1.0
+    far = {"far": [config("far", lr) for lr in (1e-3, 3e-3)]}
+    fake_run_set(far["far"])
+    trained.clear()
+    compare_procedure.widen_grids(far, 2, config)  # two rounds allowed: the choice is still at the edge after them
+    assert trained == [("far", 9e-3), ("far", 0.027)]
+    assert compare_procedure.choose_lr({c.relora_lr: 4 + math.log10(c.relora_lr) ** 2 for c in far["far"]}) == (
+        0.027, True)
+
+
+def test_compare_widens_an_edge_choice_once_per_round_and_says_so_in_the_header(prepared_data, tmp_path):
+    config = tmp_path / "cmp.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        model=TINY_MODEL, data=str(prepared_data), steps=8, warmup_steps=2, batch_tokens=256, micro_batch=8,
+        seq_len=32, eval_every=0, eval_tokens=512, save_every=0, device="cpu", seed=0)))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(config), "--out", str(out), "--set", "main", "--methods", "full",
+                 "--lr-grid", "1e-4,3e-4", "--widen-edges", "1", "--no-progress"]) == 0
+    m = json.loads((out / "results.json").read_text())["methods"]["full"]
+    first = {r["lr"]: r["val_loss"] for r in m["runs"] if r["lr"] in (1e-4, 3e-4)}
+    added = 9e-4 if first[3e-4] < first[1e-4] else 3.33e-5  # a two-point grid's choice is always at an edge
+    assert m["grid"] == sorted([1e-4, 3e-4, added]) and len(m["runs"]) == 3
+    assert (Path(m["runs"][m["grid"].index(added)]["run_dir"]) / "summary.json").is_file()
+    assert f"widened per method up to 1 times by x3 past the edge its choice sat at (full +{added:g})" in (
+        out / "main.md").read_text()

@@ -30,6 +30,7 @@ from relora.analysis.compare_procedure import (
     run_set,
     run_state,
     seeds_at_chosen_lr,
+    widen_grids,
 )
 from relora.analysis.compare_sets import SETS, TABLE_SETS, RunSpec, resolve_run
 from relora.analysis.compare_tables import ablation_table, comparison_table, fairness_header
@@ -58,8 +59,10 @@ def compare(
 ) -> dict[str, Any]:
     """Run the requested sets by ``procedure`` and write their tables and figures under ``out``; returns the results.
 
-    First every method at every grid LR at the first seed; then, once each
-    method's LR is chosen, the remaining seeds at that LR.
+    First every method at every grid LR at the first seed; then, up to
+    ``procedure.widen_edges`` times, one more LR past the edge for each method
+    whose choice sits at its grid's edge; then, once each method's LR is
+    chosen, the remaining seeds at that LR.
     """
     procedure = procedure or Procedure()
     procedure.validate()
@@ -78,6 +81,8 @@ def compare(
     check_before_training(first)
     start = time.perf_counter()
     trained = run_set(first, progress=progress)
+    trained.update(widen_grids(grid, procedure.widen_edges,
+                               lambda name, lr: resolve(specs[name], lr=lr, seed_index=0), progress=progress))
     seeds = {name: seeds_at_chosen_lr(grid[name], procedure.seeds,
                                       lambda lr, k, spec=spec: resolve(spec, lr=lr, seed_index=k))
              for name, spec in specs.items()}
@@ -88,11 +93,12 @@ def compare(
     methods = {name: method_result(spec, grid[name], seeds[name]) for name, spec in specs.items()}
     results: dict[str, Any] = {
         "preset": first[0].preset, "runs_dir": str(runs_dir), "trained_s": trained, "elapsed_s": elapsed,
-        "procedure": {"lr_grid": procedure.lr_grid, "seeds": procedure.seeds, "clip_rule": procedure.clip_rule,
+        "procedure": {"lr_grid": procedure.lr_grid, "widen_edges": procedure.widen_edges, "seeds": procedure.seeds,
+                      "clip_rule": procedure.clip_rule,
                       "significance": f"Welch's t-test on test ppl, two-sided, p < {SIGNIFICANCE_LEVEL}"},
         "methods": methods, "sets": {},
     }
-    header = fairness_header(procedure, first)
+    header = fairness_header(procedure, first, {name: m["grid"] for name, m in methods.items()})
     for name in sets:
         if members[name]:
             results["sets"][name] = write_set(name, members[name], methods, out, header=header,

@@ -74,11 +74,18 @@ def _rank_of(config: TrainConfig, run: Path) -> str:
     return "-"
 
 
-def fairness_header(procedure: Procedure, configs: list[TrainConfig]) -> str:
-    """What every row shares and how the numbers were produced, written above each table."""
+def fairness_header(procedure: Procedure, configs: list[TrainConfig],
+                    grids: dict[str, list[float]] | None = None) -> str:
+    """What every row shares and how the numbers were produced, written above each table; ``grids`` (each
+    method's final grid) names the LRs that widening added."""
     c = configs[0]
     grid = "each method's configured LR" if procedure.lr_grid is None else \
         "grid " + ", ".join(f"{lr:g}" for lr in procedure.lr_grid)
+    if procedure.widen_edges and procedure.lr_grid is not None:
+        added = {name: [lr for lr in lrs if lr not in procedure.lr_grid] for name, lrs in (grids or {}).items()}
+        grid += (f", widened per method up to {procedure.widen_edges} times by x3 past the edge its choice sat at ("
+                 + ("; ".join(f"{name} +{', '.join(f'{lr:g}' for lr in lrs)}" for name, lrs in added.items() if lrs)
+                    or "none needed") + ")")
     clip = ("as published: GaLore/APOLLO unclipped, the others at the configured norm" if procedure.clip_rule
             == "published" else f"the same for every method ({c.grad_clip:g}; 0 = none)")
     return "\n".join([

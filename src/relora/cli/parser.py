@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr-grid", type=float_list, default=None,
                    help="comma-separated peak LRs tried per method at the first seed (relora_lr for adapter methods, "
                         "the LR of galore/apollo, lr of full); the lowest final val loss is chosen")
+    c.add_argument("--widen-edges", type=int, default=0,
+                   help="up to N times, a method whose chosen LR is its grid's largest (smallest) also runs at 3x "
+                        "(1/3) that LR at the first seed, before the seeds (default 0: only mark the edge)")
     c.add_argument("--seeds", type=int, default=1, help="seeds run at each method's chosen LR (default 1)")
     c.add_argument("--clip-rule", choices=["published", "same"], default="published",
                    help="published (default): GaLore/APOLLO unclipped as in their scripts, the others at "

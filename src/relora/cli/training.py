@@ -131,7 +131,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if lr is not None and grid is not None:
         raise UsageError("pass --lr (one LR for every method) or --lr-grid (tuned per method), not both")
     procedure = Procedure(lr_grid=(lr,) if lr is not None else grid, seeds=getattr(args, "seeds", 1),
-                          methods=getattr(args, "methods", None), clip_rule=getattr(args, "clip_rule", "published"))
+                          methods=getattr(args, "methods", None), clip_rule=getattr(args, "clip_rule", "published"),
+                          widen_edges=getattr(args, "widen_edges", 0))
     procedure.validate()
     base = resolve_config(config_file=args.config, overrides=overrides)  # validates before any work
     if base.data is None:
