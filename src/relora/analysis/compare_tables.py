@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from relora.analysis.compare_procedure import Procedure, finished_summary
+from relora.analysis.compare_procedure import WIDEN_FACTOR, Procedure, finished_summary
 from relora.analysis.compare_sets import ABLATION_SWITCHES, RunSpec, ablation_switches
 from relora.analysis.stats import SIGNIFICANCE_LEVEL, welch_t_test
 from relora.run.config import ADAPTER_METHODS, FIELD_NAMES, PROJECTION_METHODS, TrainConfig
@@ -83,7 +83,8 @@ def fairness_header(procedure: Procedure, configs: list[TrainConfig],
         "grid " + ", ".join(f"{lr:g}" for lr in procedure.lr_grid)
     if procedure.widen_edges and procedure.lr_grid is not None:
         added = {name: [lr for lr in lrs if lr not in procedure.lr_grid] for name, lrs in (grids or {}).items()}
-        grid += (f", widened per method up to {procedure.widen_edges} times by x3 past the edge its choice sat at ("
+        grid += (f", widened per method up to {procedure.widen_edges} times by x{WIDEN_FACTOR:g} past the edge its choice "
+                 "sat at ("
                  + ("; ".join(f"{name} +{', '.join(f'{lr:g}' for lr in lrs)}" for name, lrs in added.items() if lrs)
                     or "none needed") + ")")
     clip = ("as published: GaLore/APOLLO unclipped, the others at the configured norm" if procedure.clip_rule
