@@ -83,8 +83,8 @@ def fairness_header(procedure: Procedure, configs: list[TrainConfig],
         "grid " + ", ".join(f"{lr:g}" for lr in procedure.lr_grid)
     if procedure.widen_edges and procedure.lr_grid is not None:
         added = {name: [lr for lr in lrs if lr not in procedure.lr_grid] for name, lrs in (grids or {}).items()}
-        grid += (f", widened per method up to {procedure.widen_edges} times by x{WIDEN_FACTOR:g} past the edge its choice "
-                 "sat at ("
+        grid += (f", widened per method up to {procedure.widen_edges} times by x{WIDEN_FACTOR:g} past the edge "
+                 "its choice sat at ("
                  + ("; ".join(f"{name} +{', '.join(f'{lr:g}' for lr in lrs)}" for name, lrs in added.items() if lrs)
                     or "none needed") + ")")
     clip = ("as published: GaLore/APOLLO unclipped, the others at the configured norm" if procedure.clip_rule
