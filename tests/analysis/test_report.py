@@ -213,7 +213,7 @@ def test_a_diverged_run_is_a_row_of_the_ablation_table(prepared_data, tmp_path, 
     line = next(x for x in (tmp_path / "cmp" / "ablation.md").read_text().splitlines()
                 if x.startswith("| lora-restarts-reset |"))
     assert line.startswith("| lora-restarts-reset | + restarts + optimizer reset | yes | yes | no | no |"), line
-    assert line.endswith("| diverged | diverged |"), line
+    assert line.endswith("| diverged | - | diverged |"), line
     assert not rows["relora"]["diverged"] and rows["relora"]["val_ppl"] > 1
     again = relora.analysis.compare.compare(sets=["ablation"], out=tmp_path / "cmp", overrides=overrides, progress=False)
     assert again["trained_s"] == {}  # the diverged run counts as done
@@ -249,6 +249,8 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     ablation = (out / "ablation.md").read_text()
     assert "| lora-restarts | + restarts | yes | no | no | no | 0.006 |" in ablation
     assert "| lora | LoRA | no | no | no | no | 0.006 |" in ablation
+    assert f"| {results['methods']['lora-restarts']['test_ppl_mean']:.2f} (n=1) | vs lora: n/a (1 seed) |" in ablation
+    assert "| lora | LoRA | no | no | no | no | 0.006 | " in ablation and "(n=1) | - |" in ablation
     assert "| full | full-rank training | full-rank |" in ablation
     ablation_cfg = yaml.safe_load((out / "runs" / "lora-restarts-reset-lr0.006-seed0" / "config.yaml").read_text())
     assert (ablation_cfg["method"], ablation_cfg["optimizer_reset"], ablation_cfg["jagged"],

@@ -8,6 +8,7 @@ import pytest
 
 from relora.analysis.stats import (
     mean_std,
+    paired_t_test,
     regularized_incomplete_beta,
     student_t_two_sided_p,
     welch_t_test,
@@ -67,3 +68,25 @@ def test_welch_edge_cases():
     assert welch_t_test([1.0], [2.0, 3.0]) is None
     assert welch_t_test([2.0, 2.0], [2.0, 2.0])[2] == 1.0
     assert welch_t_test([2.0, 2.0], [3.0, 3.0])[2] == 0.0
+
+
+def test_paired_t_test_matches_its_definition_on_random_samples():
+    rng = np.random.default_rng(4)
+    for n in (2, 2, 3, 3, 4, 5, 6, 6):
+        shared = rng.normal(100, 5, n)  # a seed effect common to both methods
+        a, b = shared + rng.normal(0, 1, n), shared + rng.normal(1, 1, n)
+        d = a - b
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(n))
+        got = paired_t_test(dict(enumerate(a)), {k + 0: v for k, v in reversed(list(enumerate(b)))})
+        assert got[0] == pytest.approx(t) and got[1] == n - 1
+        # one degree of freedom is Cauchy, whose tail has a closed form (the integration is too coarse there)
+        tail = 1 - 2 / math.pi * math.atan(abs(t)) if n == 2 else t_tail_by_integration(t, n - 1)
+        assert got[2] == pytest.approx(tail, abs=1e-6)
+
+
+def test_paired_t_test_uses_only_shared_seeds_and_edge_cases():
+    a, b = {0: 10.0, 1: 12.0, 2: 11.5, 7: 99.0}, {0: 9.0, 1: 10.5, 2: 11.0, 8: -5.0}
+    assert paired_t_test(a, b) == paired_t_test({k: a[k] for k in (0, 1, 2)}, {k: b[k] for k in (0, 1, 2)})
+    assert paired_t_test({0: 1.0, 1: 2.0}, {1: 2.0, 2: 3.0}) is None  # one shared seed
+    assert paired_t_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})[2] == 1.0
+    assert paired_t_test({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})[2] == 0.0

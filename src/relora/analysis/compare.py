@@ -95,7 +95,8 @@ def compare(
         "preset": first[0].preset, "runs_dir": str(runs_dir), "trained_s": trained, "elapsed_s": elapsed,
         "procedure": {"lr_grid": procedure.lr_grid, "widen_edges": procedure.widen_edges, "seeds": procedure.seeds,
                       "clip_rule": procedure.clip_rule,
-                      "significance": f"Welch's t-test on test ppl, two-sided, p < {SIGNIFICANCE_LEVEL}"},
+                      "significance": f"Welch's t-test on test ppl, two-sided, p < {SIGNIFICANCE_LEVEL}",
+                      "reported_beside": "paired t-test over shared seeds (rows' paired_p_values)"},
         "methods": methods, "sets": {},
     }
     header = fairness_header(procedure, first, {name: m["grid"] for name, m in methods.items()})

@@ -2,7 +2,7 @@
 
 Test ppl is reported as mean and sample std over the seeds at the chosen LR,
 with Welch's t-test against full-rank (and ReLoRA against LoRA with warm
-start). The per-run columns are the chosen LR's first seed's, read from its
+start) as the rule, and the paired t-test over shared seeds beside it. The per-run columns are the chosen LR's first seed's, read from its
 run directory.
 """
 
@@ -14,21 +14,31 @@ from pathlib import Path
 
 from relora.analysis.compare_procedure import WIDEN_FACTOR, Procedure, finished_summary
 from relora.analysis.compare_sets import ABLATION_SWITCHES, RunSpec, ablation_switches
-from relora.analysis.stats import SIGNIFICANCE_LEVEL, welch_t_test
+from relora.analysis.stats import SIGNIFICANCE_LEVEL, paired_t_test, welch_t_test
 from relora.run.config import ADAPTER_METHODS, FIELD_NAMES, PROJECTION_METHODS, TrainConfig
 from relora.run.records import read_config
 
 SIGNIFICANCE_PAIRS = {"relora": ("full", "lora-ws")}  # besides every method against full-rank
 
 
-def significance(name: str, methods: dict[str, dict]) -> dict[str, float | None]:
-    """Welch's p of this method's seeds' test ppl against full-rank's (and relora's against lora-ws's)."""
-    out: dict[str, float | None] = {}
-    for other in SIGNIFICANCE_PAIRS.get(name, ("full",)):
+def _ppl_by_seed(m: dict) -> dict[int, float]:
+    """{seed: test ppl} of a method's finished runs at its chosen LR."""
+    return {r["seed"]: r["test_ppl"] for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]}
+
+
+def significance(name: str, methods: dict[str, dict], against: tuple[str, ...] | None = None
+                 ) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Welch's p (the rule) and the paired t-test's p (over shared seeds, reported beside it) of this method's
+    seeds' test ppl against each of ``against``: by default full-rank's (and relora's against lora-ws's)."""
+    welch: dict[str, float | None] = {}
+    paired: dict[str, float | None] = {}
+    for other in against or SIGNIFICANCE_PAIRS.get(name, ("full",)):
         if other != name and other in methods:
             test = welch_t_test(methods[name]["test_ppls"], methods[other]["test_ppls"])
-            out[other] = None if test is None else test[2]
-    return out
+            welch[other] = None if test is None else test[2]
+            test = paired_t_test(_ppl_by_seed(methods[name]), _ppl_by_seed(methods[other]))
+            paired[other] = None if test is None else test[2]
+    return welch, paired
 
 
 def _fmt_params(n: int) -> str:
@@ -43,11 +53,14 @@ def _fmt_state(summary: dict) -> str:
     return f"{final / 1e6:.2f}" + (f" (peak {peak / 1e6:.2f})" if peak > final else "")
 
 
-def _fmt_significance(pvalues: dict[str, float | None]) -> str:
+def _fmt_significance(welch: dict[str, float | None], paired: dict[str, float | None]) -> str:
     cells = []
-    for other, p in pvalues.items():
-        verdict = "n/a (1 seed)" if p is None else f"{'yes' if p < SIGNIFICANCE_LEVEL else 'no'} (p={p:.3f})"
-        cells.append(f"vs {other}: {verdict}")
+    for other, p in welch.items():
+        if p is None:
+            cells.append(f"vs {other}: n/a (1 seed)")
+            continue
+        extra = "" if paired.get(other) is None else f", paired p={paired[other]:.3f}"
+        cells.append(f"vs {other}: {'yes' if p < SIGNIFICANCE_LEVEL else 'no'} (p={p:.3f}{extra})")
     return "; ".join(cells) or "-"
 
 
@@ -98,7 +111,9 @@ def fairness_header(procedure: Procedure, configs: list[TrainConfig],
         "at the grid's edge, widen the grid.",
         f"Gradient clipping: {clip}.",
         f"test ppl: mean ± sample std over the seeds at the chosen LR. Significance: Welch's t-test on the seeds' "
-        f"test ppl, two-sided, 'yes' when p < {SIGNIFICANCE_LEVEL}; n/a below 2 seeds.",
+        f"test ppl, two-sided, 'yes' when p < {SIGNIFICANCE_LEVEL}; n/a below 2 seeds. Beside it, not the rule: the "
+        "paired t-test's p over the seeds both methods ran (seed k shares init and data order across methods, so "
+        "it removes the noise the seeds have in common).",
     ]) + "\n\n"
 
 
@@ -124,13 +139,13 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
         ratio = m["test_ppl_mean"] / full["test_ppl_mean"] if full else math.nan
         rank = spectra_rank.get(spec.name, math.nan)
         speed = s.get("tokens_per_s") or s["tokens"] / s["wall_s"]
-        pvalues = significance(spec.name, methods)
+        pvalues, paired = significance(spec.name, methods)
         rows.append({"name": spec.name, **s, "test_ppl_mean": m["test_ppl_mean"], "test_ppl_std": m["test_ppl_std"],
                      "chosen_lr": m["chosen_lr"], "chosen_lr_at_edge": m["chosen_lr_at_edge"], "p_values": pvalues,
-                     "ppl_over_full": ratio, "mean_rank": rank})
+                     "paired_p_values": paired, "ppl_over_full": ratio, "mean_rank": rank})
         lines.append(
             f"| {spec.name} | {_rank_of(config, run)} | {config.grad_clip:g} | {_fmt_lr(m)} | {_fmt_ppl(m)} | "
-            f"{ratio:.3f} | {_fmt_significance(pvalues)} | {s['val_ppl']:.2f} | {_fmt_params(s['trainable_params'])} "
+            f"{ratio:.3f} | {_fmt_significance(pvalues, paired)} | {s['val_ppl']:.2f} | {_fmt_params(s['trainable_params'])} "
             f"| {_fmt_params(s['total_params'])} | {_fmt_state(s)} | {rank:.1f} | {s['restarts']} | "
             f"{speed:,.0f} | {s['wall_s'] / 60:.1f} min |"
         )
@@ -138,15 +153,15 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
 
 
 def ablation_table(specs: list[RunSpec], methods: dict[str, dict]) -> tuple[str, list[dict]]:
-    """Table 6's layout: the paper's row, one column per ReLoRA component as the run had it, then the chosen LR
-    and test ppl over seeds.
+    """Table 6's layout: the paper's row, one column per ReLoRA component as the run had it, then the chosen LR,
+    test ppl over seeds and whether it differs from LoRA's (the row every Table 6 row adds components to).
 
     The components are read from the chosen run's saved config (``ablation_switches``): a label says what ran.
     A method whose every grid run diverged is a ``diverged`` row (the paper's Table 6 has one).
     """
     mark = {True: "yes", False: "no"}
     lines = ["| run | Table 6 row | restarts | optimizer reset | jagged schedule | warm start | chosen LR | test ppl "
-             "| val ppl |", "|---|---|---|---|---|---|---|---|---|"]
+             "| differs from lora (Welch p < 0.05) | val ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for spec in specs:
         m = methods[spec.name]
@@ -155,9 +170,12 @@ def ablation_table(specs: list[RunSpec], methods: dict[str, dict]) -> tuple[str,
         on = ablation_switches(TrainConfig(**saved))
         cells = [mark[on[k]] if on else "full-rank" for k in ABLATION_SWITCHES]
         summary = None if m["diverged"] else finished_summary(run)
+        pvalues, paired = significance(spec.name, methods, against=("lora",)) if not m["diverged"] else ({}, {})
         rows.append({"name": spec.name, "paper_row": spec.paper, **on, "diverged": m["diverged"],
                      "val_ppl": summary and summary["val_ppl"], "test_ppl_mean": m["test_ppl_mean"],
-                     "test_ppl_std": m["test_ppl_std"], "chosen_lr": m["chosen_lr"]})
-        values = "diverged | diverged" if m["diverged"] else f"{_fmt_ppl(m)} | {summary['val_ppl']:.2f}"
+                     "test_ppl_std": m["test_ppl_std"], "chosen_lr": m["chosen_lr"], "p_values": pvalues,
+                     "paired_p_values": paired})
+        values = ("diverged | - | diverged" if m["diverged"] else
+                  f"{_fmt_ppl(m)} | {_fmt_significance(pvalues, paired)} | {summary['val_ppl']:.2f}")
         lines.append(f"| {spec.name} | {spec.paper or ''} | {' | '.join(cells)} | {_fmt_lr(m)} | {values} |")
     return "\n".join(lines) + "\n", rows
