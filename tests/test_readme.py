@@ -156,3 +156,21 @@ def test_results_progress_summarises_finished_partial_and_diverged_runs(tmp_path
     assert "| full-lr0.001-seed0 | done | 99.97 | 105.13 | 633 |" in text
     assert "| relora-lr0.001-seed0 | at step 20 |" in text and "| lora-lr0.01-seed0 | diverged |" in text
     assert "not-a-run" not in text
+
+
+def test_results_pages_commands_parse():
+    """The `relora ...` commands of docs/results/README.md and baselines/README.md parse with today's CLI, shell
+    names (G=...) substituted: a renamed or removed flag fails here, not in a reader's terminal."""
+    from relora.cli import build_parser
+
+    parser = build_parser()
+    seen = 0
+    for page in (ROOT / "docs" / "results" / "README.md", ROOT / "docs" / "results" / "baselines" / "README.md"):
+        text = "\n".join(re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)).replace("\\\n", " ")
+        names = dict(re.findall(r"^(\w+)=(\S+)$", text, flags=re.M))
+        for line in text.splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("relora "):
+                parser.parse_args(re.sub(r"\$\{?(\w+)\}?", lambda m: names[m[1]], line).split()[1:])
+                seen += 1
+    assert seen >= 4
