@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import relora
 from relora.analysis.compare_sets import ABLATION_SET, RunSpec, ablation_switches
 from relora.cli import main
+from relora.errors import ConfigError
 from relora.run import checkpoint as ckpt
 from relora.run.build import make_model
 from relora.run.phase import build_phase
@@ -69,6 +70,35 @@ def test_warm_start_is_full_rank_then_adapters(prepared_data, tmp_path):
     assert summary.trainable_params < n_full  # embeddings and head dominate this tiny model
     logged = records(tmp_path)
     assert not logged[9]["wrapped"] and logged[10]["wrapped"]
+
+
+def test_full_ws_lr_is_full_rank_with_the_warm_started_lr_schedule(prepared_data, tmp_path):
+    """The control: every weight trains, the logged LR is lr * schedule before warm_start_steps and
+    relora_lr * schedule from there (no re-warmup), and a resume across the change is bit-identical."""
+    settings = dict(method="full-ws-lr", save_every=5, keep_checkpoints=20)
+    cfg = run_config(prepared_data, tmp_path / "whole", **settings)
+    summary = train(cfg, progress=False)
+    assert summary.trainable_params == summary.total_params and summary.restarts == 0
+    logged = records(tmp_path / "whole")
+    for r in logged:  # record s holds the LR of step index s - 1
+        t = r["step"] - 1
+        peak = 6e-3 if t >= 10 else 3e-3
+        assert r["lr"] == pytest.approx(peak * relora.jagged_cosine(t, total_steps=40, warmup_steps=4)), t
+    split = tmp_path / "split"
+    shutil.copytree(tmp_path / "whole", split)
+    shutil.rmtree(split / "final")
+    for path in ckpt.list_checkpoints(split / "checkpoints"):
+        if int(path.name.split("_")[1]) > 5:  # resume before the change
+            shutil.rmtree(path)
+    train(run_config(prepared_data, split, **settings), resume=True, progress=False)
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (tmp_path / "whole", split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_ws_lr_needs_a_warm_start_inside_the_run(prepared_data, tmp_path):
+    for bad in (dict(warm_start_steps=40), dict(warm_start_steps=0), dict(warm_start=False)):
+        with pytest.raises(ConfigError, match="full-ws-lr changes its peak LR at --warm-start-steps"):
+            run_config(prepared_data, tmp_path, method="full-ws-lr", **bad)
 
 
 ABLATION_CASES = [s for s in ABLATION_SET if s.settings["method"] != "full"] + [

@@ -228,10 +228,10 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     out = tmp_path / "cmp"
     assert main(["compare", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results["trained_s"]) == 9  # 5 methods + 4 Table 6 rows (relora, lora, lora-ws, full shared)
+    assert len(results["trained_s"]) == 10  # 6 methods + 4 Table 6 rows (relora, lora, lora-ws, full shared)
 
     main_rows = {r["name"]: r for r in results["sets"]["main"]["rows"]}
-    assert list(main_rows) == ["full", "control", "lora", "lora-ws", "relora"]
+    assert list(main_rows) == ["full", "full-ws-lr", "control", "lora", "lora-ws", "relora"]
     lrs = {"full": 3e-3, "control": 3e-3}  # the configured peak LR of each method's main phase: one run, seed 0
     for name, row in main_rows.items():
         run = out / "runs" / f"{name}-lr{lrs.get(name, 6e-3):g}-seed0"
@@ -244,7 +244,7 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     assert main_rows["control"]["total_params"] < main_rows["full"]["total_params"]
     assert main_rows["lora"]["mean_rank"] <= RANK < main_rows["relora"]["mean_rank"]
     table = (out / "main.md").read_text().split("\n\n")[-1]  # after the fairness header
-    assert table.count("\n") == 2 + 5 and f"| relora | {RANK} | 1 | 0.006 | {main_rows['relora']['test_ppl']:.2f} (n=1) |" in table
+    assert table.count("\n") == 2 + 6 and f"| relora | {RANK} | 1 | 0.006 | {main_rows['relora']['test_ppl']:.2f} (n=1) |" in table
 
     ablation = (out / "ablation.md").read_text()
     assert "| lora-restarts | + restarts | yes | no | no | no | 0.006 |" in ablation

@@ -104,3 +104,22 @@ def test_a_restart_inside_the_initial_warmup_also_starts_from_zero_lr():
         expected = plain(t) if tk is None else plain(tk + rewarm) * (t - tk) / rewarm
         assert lrs[t] == pytest.approx(expected, abs=1e-12), t
     assert lrs[5] == pytest.approx(0.3)  # half-way back to the warm-up line's 0.6 at step 6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_peak_change_steps_the_peak_and_keeps_the_envelope(seed):
+    """full-ws-lr's schedule: lr up to step s, then factor * lr on the same cosine envelope (spec formula)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = int(torch.randint(60, 300, (1,), generator=gen))
+    warmup = int(torch.randint(1, total // 4, (1,), generator=gen))
+    change_at = int(torch.randint(1, total, (1,), generator=gen))
+    factor = float(torch.empty(1).uniform_(0.3, 5.0, generator=gen))
+    start = int(torch.randint(0, change_at + 1, (1,), generator=gen))  # also when built mid-run, before s
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = relora.jagged_cosine_scheduler(opt, total_steps=total, warmup_steps=warmup, min_ratio=0.1,
+                                           start_step=start, peak_change=(change_at, factor))
+    for t in range(start, total):
+        peak = 1e-3 * (factor if t >= change_at else 1.0)
+        assert opt.param_groups[0]["lr"] == pytest.approx(peak * reference_lr(t, total, warmup, [], 0, 0.1)), t
+        opt.step()
+        sched.step()

@@ -55,6 +55,7 @@ def ablation_switches(config: TrainConfig) -> dict[str, bool]:
 
 MAIN_SET = [
     RunSpec("full", {"method": "full"}),
+    RunSpec("full-ws-lr", {"method": "full-ws-lr"}),  # not a paper row: full-rank with lora-ws's two-phase LR
     RunSpec("control", {"method": "control"}),
     RunSpec("lora", {"method": "lora"}),
     RunSpec("lora-ws", {"method": "lora-ws"}),
@@ -98,9 +99,10 @@ def lr_field(method: str) -> str:
     """The config field ``--lr`` sets for a method: the peak LR of its main phase (as ``relora train --lr``).
 
     Adapter methods: ``relora_lr``, the LR after the warm start (the warm start keeps ``lr``, full-rank
-    training's); GaLore/APOLLO: ``proj_lr``; full-rank and control: ``lr``.
+    training's), and so for ``full-ws-lr``, their LR schedule without adapters; GaLore/APOLLO: ``proj_lr``;
+    full-rank and control: ``lr``.
     """
-    if method in ADAPTER_METHODS:
+    if method in ADAPTER_METHODS or method == "full-ws-lr":
         return "relora_lr"
     return "proj_lr" if method in PROJECTION_METHODS else "lr"
 

@@ -18,7 +18,9 @@ from relora.analysis.stats import SIGNIFICANCE_LEVEL, paired_t_test, welch_t_tes
 from relora.run.config import ADAPTER_METHODS, FIELD_NAMES, PROJECTION_METHODS, TrainConfig
 from relora.run.records import read_config
 
-SIGNIFICANCE_PAIRS = {"relora": ("full", "lora-ws")}  # besides every method against full-rank
+# besides every method against full-rank: relora against lora-ws, and the warm-started rows against full-rank
+# with their own two-phase LR (full-ws-lr), which separates what the schedule gives from what the adapters do
+SIGNIFICANCE_PAIRS = {"relora": ("full", "lora-ws", "full-ws-lr"), "lora-ws": ("full", "full-ws-lr")}
 
 
 def _ppl_by_seed(m: dict) -> dict[int, float]:

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plot)
 
     c = sub.add_parser("compare", help="run the paper's methods (and Table 6 ablation) with matched budgets",
-                       description="Train full, control, lora, lora-ws, relora (main set) and the rows of the paper's "
+                       description="Train full, full-ws-lr, control, lora, lora-ws, relora (main set) and the rows of the paper's "
                                    "Table 6, LoRA plus each combination of ReLoRA's components (ablation set), "
                                    "from one config, or ReLoRA with and "
                                    "without warm start beside full, lora-ws, GaLore, APOLLO and APOLLO-mini "

@@ -56,16 +56,23 @@ def jagged_cosine_scheduler(
     restart_warmup_steps: int = 0,
     min_ratio: float = 0.1,
     start_step: int = 0,
+    peak_change: tuple[int, float] | None = None,
 ) -> LambdaLR:
     """A LambdaLR whose multiplier at scheduler step t is ``jagged_cosine(start_step + t, ...)``.
 
     ``start_step`` lets a scheduler built mid-run (at the switch from the warm
     start to ReLoRA, with a new optimizer) continue the same envelope.
+    ``peak_change`` = (step s, factor f) multiplies the multiplier by f from
+    run step s on: the peak LR steps from ``lr`` to ``f * lr`` at s and the
+    envelope continues, which is what a warm-started adapter run's LR does at
+    its switch. The ``full-ws-lr`` control gives full-rank training that
+    schedule (a function of the step alone, so a resume reproduces it).
     """
     restarts = sorted(restart_steps)
+    change_at, factor = peak_change if peak_change is not None else (0, 1.0)
 
     def multiplier(step: int) -> float:
-        return jagged_cosine(
+        return (factor if start_step + step >= change_at else 1.0) * jagged_cosine(
             start_step + step,
             total_steps=total_steps,
             warmup_steps=warmup_steps,

@@ -25,7 +25,8 @@ from relora.run.fields import adapter_setting, check_types, setting
 if TYPE_CHECKING:
     from relora.core.config import ReLoRAConfig
 
-METHODS = ("full", "control", "lora", "lora-ws", "relora", "online-relora", "galore", "apollo", "apollo-mini")
+METHODS = ("full", "full-ws-lr", "control", "lora", "lora-ws", "relora", "online-relora", "galore", "apollo",
+           "apollo-mini")
 ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 
@@ -38,7 +39,8 @@ class TrainConfig:
     preset: str = setting("tiny", "model size and recipe: tiny, 9m, 20m, 60m, 130m, 250m, 350m, 1b; pico-tiny, "
                           "pico-small (relora-pico's architectures; src/relora/configs/)")
     method: str = setting("relora", "full, control, lora, lora-ws, relora (default), online-relora; galore, apollo, "
-                          "apollo-mini (pip install 'relora[baselines]')", compare=False)
+                          "apollo-mini (pip install 'relora[baselines]'); full-ws-lr (a control: full-rank training "
+                          "with the warm-started methods' LR, lr until --warm-start-steps, then --lr)", compare=False)
     data: str | None = setting(None, "prepared data directory (default: the Python stdlib corpus, prepared once into "
                                "the cache)")
     data_id: str | None = setting(None, "set by the run: the identity of the prepared data at `data`, what a resume "
@@ -221,6 +223,10 @@ class TrainConfig:
             )
 
     def _check_method(self) -> None:
+        if self.method == "full-ws-lr" and not (self.warm_start and 0 < self.warm_start_steps < self.steps):
+            raise ConfigError(f"full-ws-lr changes its peak LR at --warm-start-steps, which must be in (0, steps = "
+                              f"{self.steps}) with the warm start on; got {self.warm_start_steps}"
+                              + ("" if self.warm_start else " and --no-warm-start"))
         if self.method in ADAPTER_METHODS and self.relora_phase_start >= self.steps:
             raise ConfigError(
                 f"warm_start_steps ({self.warm_start_steps}) must be < steps ({self.steps}) for method {self.method}; "
@@ -292,7 +298,8 @@ class TrainConfig:
 
     @property
     def relora_phase_start(self) -> int:
-        """Step at which the model is wrapped (0 for plain LoRA or without warm start)."""
+        """Step at which the model is wrapped (0 for plain LoRA or without warm start); for full-ws-lr the step
+        at which its peak LR changes from lr to relora_lr."""
         if self.method == "lora" or not self.warm_start:
             return 0
         return self.warm_start_steps
@@ -307,7 +314,7 @@ class TrainConfig:
         GaLore/APOLLO, lr otherwise (None: unchanged)."""
         if lr is None:
             return
-        if self.method in ADAPTER_METHODS:
+        if self.method in ADAPTER_METHODS or self.method == "full-ws-lr":
             self.relora_lr = lr
         elif self.method in PROJECTION_METHODS:
             self.proj_lr = lr
