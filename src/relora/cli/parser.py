@@ -30,7 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relora", description="ReLoRA: high-rank training through low-rank updates")
     parser.add_argument("--version", action="version", version=f"relora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_prepare, _add_train, _add_finetune, _add_eval, _add_export, _add_analyze, _add_plot,
+                _add_compare, _add_bench):  # in --help's order
+        add(sub)
+    return parser
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    """``relora prepare``."""
     p = sub.add_parser("prepare", help="tokenize a corpus into a training-ready directory",
                        description="Tokenize text files, JSONL/Parquet or a HF dataset into token arrays.")
     p.add_argument("inputs", nargs="*", help="files, directories or a dataset name (default: --corpus)")
@@ -51,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``relora train``."""
     t = sub.add_parser("train", help="pretrain a model with full-rank, LoRA or ReLoRA",
                        description="Train a LLaMA-style model; flags override --config, which overrides --preset.",
                        argument_default=argparse.SUPPRESS)
@@ -60,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", default=False, help="no progress bar")
     t.set_defaults(func=cmd_train)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    """``relora finetune``."""
     f = sub.add_parser("finetune", help="fine-tune a classifier with LoRA or ReLoRA (GLUE-style)",
                        description="Fine-tune a local model directory as a sequence classifier on a CSV, TSV or "
                                    "JSONL file of text,label or text_a,text_b,label rows; report accuracy, F1 and "
@@ -69,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true", default=False, help="no transformers progress bars")
     f.set_defaults(func=cmd_finetune)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """``relora eval``."""
     e = sub.add_parser("eval", help="validation loss and perplexity of a model",
                        description="Validation loss and perplexity of a model on prepared data. A model from a "
                                    "run (RUN/final, RUN/reference or a checkpoint) is evaluated with the run's "
@@ -83,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu, cuda")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """``relora export``."""
     x = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model (adapters merged)")
     x.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="checkpoint directory (checkpoints/step_N) or a run directory (latest)")
@@ -91,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a model that relora exported into OUT (never a directory with other files)")
     x.set_defaults(func=cmd_export)
 
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    """``relora analyze``."""
     a = sub.add_parser("analyze", help="singular values of the update dW = W - W_reference, as JSON and figures",
                        description="Spectra of dW per matrix type (q, k, v, o, gate, up, down), like the paper's "
                                    "Figures 3 and 4. Several runs are overlaid.")
@@ -102,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--labels", help="comma-separated legend names, one per run (default: run directory names)")
     a.set_defaults(func=cmd_analyze)
 
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    """``relora plot``."""
     pl = sub.add_parser("plot", help="loss and validation-perplexity curves of runs, restarts marked",
                         description="Training loss and validation perplexity of several runs on one figure.")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
@@ -110,10 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--title", help="figure title")
     pl.set_defaults(func=cmd_plot)
 
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    """``relora compare``."""
     c = sub.add_parser("compare", help="run the paper's methods (and Table 6 ablation) with matched budgets",
-                       description="Train full, full-ws-lr, control, lora, lora-ws, relora (main set) and the rows of the paper's "
-                                   "Table 6, LoRA plus each combination of ReLoRA's components (ablation set), "
-                                   "from one config, or ReLoRA with and "
+                       description="Train full, full-ws-lr, control, lora, lora-ws, relora (main set) and the rows "
+                                   "of the paper's Table 6, LoRA plus each combination of ReLoRA's components "
+                                   "(ablation set), from one config, or ReLoRA with and "
                                    "without warm start beside full, lora-ws, GaLore, APOLLO and APOLLO-mini "
                                    "(baselines set); write tables and figures. Finished runs are reused, "
                                    "unfinished ones resumed.",
@@ -142,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", default=False, help="no progress bars")
     c.set_defaults(func=cmd_compare)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """``relora bench``."""
     b = sub.add_parser("bench", help="full-rank vs ReLoRA step throughput and memory, against the cost model's bounds",
                        description="Time full-rank and ReLoRA training steps side by side (median after warm-up), "
                                    "measure each method's peak memory in a fresh process, and compare the ratios "
@@ -156,4 +187,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the cost model's bounds only; measure nothing")
     b.add_argument("--json", default=None, help="write the results to this JSON file")
     b.set_defaults(func=cmd_bench)
-    return parser
