@@ -249,3 +249,29 @@ def test_compare_widens_an_edge_choice_once_per_round_and_says_so_in_the_header(
     assert (Path(m["runs"][m["grid"].index(added)]["run_dir"]) / "summary.json").is_file()
     assert f"widened per method up to 1 times by x3 past the edge its choice sat at (full +{added:g})" in (
         out / "main.md").read_text()
+
+
+def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys):
+    """docs/results/study/table.py: one row per LABEL=OUT:METHOD, p-values against the first row computed
+    here from their definitions (Welch's; the paired test on the per-seed differences)."""
+    import runpy
+
+    rng = np.random.default_rng(7)
+    shared = rng.normal(100, 4, 3)  # seed effects both invocations share
+    ppls = {"a": shared + rng.normal(0, 0.5, 3), "b": shared + 2 + rng.normal(0, 0.5, 3)}
+    for name, values in ppls.items():
+        runs = [{"lr": 1e-3, "seed": k, "diverged": False, "test_ppl": float(v)} for k, v in enumerate(values)]
+        method = {"runs": runs, "chosen_lr": 1e-3, "chosen_lr_at_edge": False, "n_seeds": 3,
+                  "test_ppls": [float(v) for v in values]}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"methods": {"relora": method}}))
+    script = Path(__file__).parents[2] / "docs" / "results" / "study" / "table.py"
+    namespace = runpy.run_path(str(script))
+    namespace["main"]([f"ref={tmp_path / 'a'}:relora", f"variant={tmp_path / 'b'}:relora"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    d = ppls["b"] - ppls["a"]
+    paired = t_tail_by_integration(d.mean() / (d.std(ddof=1) / math.sqrt(3)), 2)
+    welch = welch_p(ppls["b"], ppls["a"])
+    star = " *" if welch < 0.05 else ""
+    ppl = f"{ppls['b'].mean():.2f} ± {ppls['b'].std(ddof=1):.2f}"
+    assert last == f"| variant | 0.001 | 3 | {ppl} | {welch:.3f}{star} | {paired:.3f} |"

@@ -3,8 +3,9 @@
     PYTHONPATH=src python docs/results/study/table.py LABEL=OUT:METHOD [LABEL=OUT:METHOD ...]
 
 Each argument names a row: the ``results.json`` under OUT and the method row in it. The first row is the
-reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's,
-as ``relora compare`` does within one invocation (relora.analysis.stats). Prints a markdown table.
+reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's
+(the rule, * when p < 0.05) and the paired t-test's p over the seeds both rows ran, as ``relora compare``
+does within one invocation (relora.analysis.stats). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from relora.analysis.stats import SIGNIFICANCE_LEVEL, mean_std, welch_t_test
+from relora.analysis.compare_tables import test_ppl_by_seed
+from relora.analysis.stats import SIGNIFICANCE_LEVEL, mean_std, paired_t_test, welch_t_test
 
 
 def row(arg: str) -> tuple[str, dict]:
@@ -33,13 +35,15 @@ def main(args: list[str]) -> None:
         raise SystemExit(__doc__)
     rows = [row(a) for a in args]
     reference = rows[0][1]["test_ppls"]
-    print(f"| run | chosen LR | seeds | test ppl (mean ± std) | p vs {rows[0][0]} |")
-    print("|---|---|---|---|---|")
+    print(f"| run | chosen LR | seeds | test ppl (mean ± std) | Welch p vs {rows[0][0]} | paired p |")
+    print("|---|---|---|---|---|---|")
     for label, m in rows:
         mean, std = mean_std(m["test_ppls"]) if m["test_ppls"] else (None, None)
         ppl = "diverged" if mean is None else f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
         test = welch_t_test(m["test_ppls"], reference) if m is not rows[0][1] else None
         p = "" if test is None else f"{test[2]:.3f}{' *' if test[2] < SIGNIFICANCE_LEVEL else ''}"
+        paired = paired_t_test(test_ppl_by_seed(m), test_ppl_by_seed(rows[0][1])) if m is not rows[0][1] else None
+        p += " | " + ("" if paired is None else f"{paired[2]:.3f}")
         edge = " (edge)" if m.get("chosen_lr_at_edge") else ""
         print(f"| {label} | {m['chosen_lr']:g}{edge} | {m['n_seeds']} | {ppl} | {p} |")
 

@@ -23,7 +23,7 @@ from relora.run.records import read_config
 SIGNIFICANCE_PAIRS = {"relora": ("full", "lora-ws", "full-ws-lr"), "lora-ws": ("full", "full-ws-lr")}
 
 
-def _ppl_by_seed(m: dict) -> dict[int, float]:
+def test_ppl_by_seed(m: dict) -> dict[int, float]:
     """{seed: test ppl} of a method's finished runs at its chosen LR."""
     return {r["seed"]: r["test_ppl"] for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]}
 
@@ -38,7 +38,7 @@ def significance(name: str, methods: dict[str, dict], against: tuple[str, ...] |
         if other != name and other in methods:
             test = welch_t_test(methods[name]["test_ppls"], methods[other]["test_ppls"])
             welch[other] = None if test is None else test[2]
-            test = paired_t_test(_ppl_by_seed(methods[name]), _ppl_by_seed(methods[other]))
+            test = paired_t_test(test_ppl_by_seed(methods[name]), test_ppl_by_seed(methods[other]))
             paired[other] = None if test is None else test[2]
     return welch, paired
 
