@@ -122,7 +122,9 @@ def _train(cfg: TrainConfig, dist: Dist, *, resume: bool, progress: bool, lr_sca
                 notes.append(f"interrupted at step {state.step}; continue with --resume")
                 break
     book.close()
-    return finish(run, net, state, started, notes)
+    summary = finish(run, net, state, started, notes)
+    summary.stop_requested = stop.requested
+    return summary
 
 
 @dataclass

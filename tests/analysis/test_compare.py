@@ -164,6 +164,34 @@ def test_an_interrupted_compare_says_how_to_continue_in_one_line(prepared_data, 
     assert not any("Traceback" in line for line in err)
 
 
+def test_a_signal_in_a_runs_last_step_stops_compare_before_the_next_run(prepared_data, tmp_path, monkeypatch, capsys):
+    """The run finishes (its last step was already under way), and compare stops there instead of starting
+    the next run with a fresh signal handler that forgot the request (seen: a SIGTERM'd compare kept going)."""
+    import os
+    import signal
+
+    config = tmp_path / "cmp.yaml"
+    config.write_text(yaml.safe_dump(dict(model=TINY_MODEL, data=str(prepared_data), steps=6, warm_start_steps=2,
+                                          reset_every=2, batch_tokens=256, micro_batch=8, seq_len=32,
+                                          eval_tokens=256, save_every=0, device="cpu")))
+    real_step, sent = relora.train.train_step, []
+
+    def step_then_signal(run, net, state, stop):
+        if state.step == run.cfg.steps - 1 and not sent:
+            sent.append(state.step)
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler of the run in progress takes it
+        return real_step(run, net, state, stop)
+
+    monkeypatch.setattr(relora.train, "train_step", step_then_signal)
+    args = ["compare", "--config", str(config), "--out", str(tmp_path / "cmp"), "--set", "main",
+            "--methods", "full,relora", "--no-progress"]
+    assert main(args) == 130
+    runs = tmp_path / "cmp" / "runs"
+    assert sent == [5] and sorted(p.name for p in runs.iterdir()) == ["full-lr0.001-seed0"]
+    assert (runs / "full-lr0.001-seed0" / "summary.json").is_file()  # finished: reused by the next invocation
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_widened_lr_steps_past_the_edge_the_choice_sits_at():
     from relora.analysis.compare_procedure import widened_lr
 

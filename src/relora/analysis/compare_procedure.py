@@ -92,6 +92,8 @@ def run_set(configs: list[TrainConfig], *, progress: bool = True) -> dict[str, f
         trained[name] = time.perf_counter() - start
         logger.info("[%d/%d] %s: val ppl %.2f in %.0f s", i, len(configs), name, summary.val_ppl or math.nan,
                     trained[name])
+        if summary.stop_requested:  # the signal came in the run's last step: it finished, the next must not start
+            raise KeyboardInterrupt
     return trained
 
 

@@ -33,10 +33,14 @@ class RunSummary:
     skipped_steps: int = 0
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    # SIGINT/SIGTERM arrived. A run asked during its last step still finishes (not interrupted), but whoever
+    # runs several (relora compare) must stop before the next. About this process, so not in summary.json.
+    stop_requested: bool = False
 
     def to_dict(self) -> dict:
         values = asdict(self)
         values["run_dir"] = str(self.run_dir)
+        del values["stop_requested"]
         return values
 
 
