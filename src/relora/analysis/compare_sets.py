@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relora.run.config import ADAPTER_METHODS, ADAPTER_ONLY, PROJECTION_METHODS, TrainConfig
+from relora.run.config import ADAPTER_METHODS, ADAPTER_ONLY, PROJECTION_METHODS, TWO_PHASE_LR_METHODS, TrainConfig
 from relora.run.resolve import resolve_config
 
 ABLATION_SWITCHES = ("restarts", "optimizer_reset", "jagged", "warm_start")
@@ -102,7 +102,7 @@ def lr_field(method: str) -> str:
     training's), and so for ``full-ws-lr``, their LR schedule without adapters; GaLore/APOLLO: ``proj_lr``;
     full-rank and control: ``lr``.
     """
-    if method in ADAPTER_METHODS or method == "full-ws-lr":
+    if method in TWO_PHASE_LR_METHODS:
         return "relora_lr"
     return "proj_lr" if method in PROJECTION_METHODS else "lr"
 

@@ -2,8 +2,8 @@
 
 Test ppl is reported as mean and sample std over the seeds at the chosen LR,
 with Welch's t-test against full-rank (and ReLoRA against LoRA with warm
-start) as the rule, and the paired t-test over shared seeds beside it. The per-run columns are the chosen LR's first seed's, read from its
-run directory.
+start) as the rule, and the paired t-test over shared seeds beside it. The
+per-run columns are the chosen LR's first seed's, read from its run directory.
 """
 
 from __future__ import annotations
@@ -147,9 +147,9 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
                      "paired_p_values": paired, "ppl_over_full": ratio, "mean_rank": rank})
         lines.append(
             f"| {spec.name} | {_rank_of(config, run)} | {config.grad_clip:g} | {_fmt_lr(m)} | {_fmt_ppl(m)} | "
-            f"{ratio:.3f} | {_fmt_significance(pvalues, paired)} | {s['val_ppl']:.2f} | {_fmt_params(s['trainable_params'])} "
-            f"| {_fmt_params(s['total_params'])} | {_fmt_state(s)} | {rank:.1f} | {s['restarts']} | "
-            f"{speed:,.0f} | {s['wall_s'] / 60:.1f} min |"
+            f"{ratio:.3f} | {_fmt_significance(pvalues, paired)} | {s['val_ppl']:.2f} | "
+            f"{_fmt_params(s['trainable_params'])} | {_fmt_params(s['total_params'])} | {_fmt_state(s)} | "
+            f"{rank:.1f} | {s['restarts']} | {speed:,.0f} | {s['wall_s'] / 60:.1f} min |"
         )
     return "\n".join(lines) + "\n", rows
 

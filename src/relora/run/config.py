@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 METHODS = ("full", "full-ws-lr", "control", "lora", "lora-ws", "relora", "online-relora", "galore", "apollo",
            "apollo-mini")
 ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
+# the methods whose main phase runs at relora_lr after warm_start_steps at lr: the adapters, and full-ws-lr, the
+# control that gives full-rank training their two-phase LR
+TWO_PHASE_LR_METHODS = (*ADAPTER_METHODS, "full-ws-lr")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
@@ -304,6 +307,12 @@ class TrainConfig:
             return 0
         return self.warm_start_steps
 
+    @property
+    def peak_change(self) -> tuple[int, float] | None:
+        """full-ws-lr's LR step without a switch of phase: (step, relora_lr / lr); None for every other method
+        (the adapters' phases have an optimizer each, at its own peak LR)."""
+        return (self.warm_start_steps, self.relora_lr / self.lr) if self.method == "full-ws-lr" else None
+
     def peak_lr(self, wrapped: bool) -> float:
         if self.method in PROJECTION_METHODS:
             return self.proj_lr
@@ -314,7 +323,7 @@ class TrainConfig:
         GaLore/APOLLO, lr otherwise (None: unchanged)."""
         if lr is None:
             return
-        if self.method in ADAPTER_METHODS or self.method == "full-ws-lr":
+        if self.method in TWO_PHASE_LR_METHODS:
             self.relora_lr = lr
         elif self.method in PROJECTION_METHODS:
             self.proj_lr = lr

@@ -69,7 +69,7 @@ def build_phase(cfg: TrainConfig, model: nn.Module, *, wrapped: bool, relora_cfg
         optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, restart_steps=restart_steps,
         restart_warmup_steps=restart_warmup, min_ratio=cfg.min_lr_ratio,
         start_step=cfg.relora_phase_start if wrapped else 0,
-        peak_change=(cfg.warm_start_steps, cfg.relora_lr / cfg.lr) if cfg.method == "full-ws-lr" else None,
+        peak_change=cfg.peak_change,
     )
     return Phase(optimizer, scheduler, controller if wrapped else None, wrapped)
 

@@ -16,7 +16,7 @@ import yaml
 
 from relora.errors import ConfigError
 from relora.run import checkpoint as ckpt
-from relora.run.config import ADAPTER_METHODS, TrainConfig
+from relora.run.config import TWO_PHASE_LR_METHODS, TrainConfig
 
 
 @dataclass
@@ -51,8 +51,8 @@ def read_curves(run: Path, label: str | None = None) -> Curves:
         raise ConfigError(f"{run} is not a run directory (no config.yaml and metrics.jsonl); pass a --out of relora train")
     curves = Curves(label=label or run.name)
     config = TrainConfig(**read_config(run))
-    if (config.method in ADAPTER_METHODS or config.method == "full-ws-lr") and config.relora_phase_start > 0:
-        curves.switch = config.relora_phase_start  # full-ws-lr: where its peak LR changes, as at the adapters' switch
+    if config.method in TWO_PHASE_LR_METHODS and config.relora_phase_start > 0:  # full-ws-lr: where its LR steps
+        curves.switch = config.relora_phase_start
     for line in (run / "metrics.jsonl").read_text().splitlines():
         if not line.strip():
             continue
