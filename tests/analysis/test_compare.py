@@ -91,6 +91,7 @@ def test_compare_tunes_each_method_repeats_seeds_and_resumes_without_retraining(
     assert row["p_values"]["full"] == pytest.approx(p, abs=1e-6)
     table = (out / "main.md").read_text()
     assert "Welch's t-test" in table and "same 16 windows of 32 tokens, spread evenly" in table
+    assert "relora_lr after the warm start at lr 0.003 for the" in table  # the warm start's lr, not a full-rank grid LR
     verdict = "yes" if p < 0.05 else "no"
     by_seed = [{r["seed"]: r["test_ppl"] for r in m["runs"] if r["lr"] == m["chosen_lr"]} for m in (relora_, full)]
     diffs = np.array([by_seed[0][k] - by_seed[1][k] for k in (5, 6, 7)])

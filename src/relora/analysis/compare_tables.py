@@ -15,7 +15,7 @@ from pathlib import Path
 from relora.analysis.compare_procedure import WIDEN_FACTOR, Procedure, finished_summary
 from relora.analysis.compare_sets import ABLATION_SWITCHES, RunSpec, ablation_switches
 from relora.analysis.stats import SIGNIFICANCE_LEVEL, paired_t_test, welch_t_test
-from relora.run.config import ADAPTER_METHODS, FIELD_NAMES, PROJECTION_METHODS, TrainConfig
+from relora.run.config import ADAPTER_METHODS, FIELD_NAMES, PROJECTION_METHODS, TWO_PHASE_LR_METHODS, TrainConfig
 from relora.run.records import read_config
 
 # besides every method against full-rank: relora against lora-ws, and the warm-started rows against full-rank
@@ -94,6 +94,9 @@ def fairness_header(procedure: Procedure, configs: list[TrainConfig],
     """What every row shares and how the numbers were produced, written above each table; ``grids`` (each
     method's final grid) names the LRs that widening added."""
     c = configs[0]
+    # the warm start's own LR (lr, not tuned), from a run that has one: a full-rank row's lr is its grid LR
+    warm_lr = next((f" at lr {x.lr:g}" for x in configs if x.method in TWO_PHASE_LR_METHODS and x.relora_phase_start),
+                   "")
     grid = "each method's configured LR" if procedure.lr_grid is None else \
         "grid " + ", ".join(f"{lr:g}" for lr in procedure.lr_grid)
     if procedure.widen_edges and procedure.lr_grid is not None:
@@ -108,9 +111,9 @@ def fairness_header(procedure: Procedure, configs: list[TrainConfig],
         f"Fairness: every run trains {c.steps} steps of {c.batch_tokens} tokens; seed k fixes model init and data "
         f"order for every method (seeds {c.seed}..{c.seed + procedure.seeds - 1}); val and test are evaluated on "
         f"the same {max(1, c.eval_tokens // c.seq_len)} windows of {c.seq_len} tokens, spread evenly over each split.",
-        f"LR: {grid} for the peak LR of each method's main phase (relora_lr after the warm start, proj_lr for "
-        "GaLore/APOLLO, lr for full-rank); the lowest final val loss at the first seed chooses; (edge) = chosen "
-        "at the grid's edge, widen the grid.",
+        f"LR: {grid} for the peak LR of each method's main phase (relora_lr after the warm start{warm_lr} for the "
+        "adapter methods and full-ws-lr, proj_lr for GaLore/APOLLO, lr for full-rank); the lowest final val loss "
+        "at the first seed chooses; (edge) = chosen at the grid's edge, widen the grid.",
         f"Gradient clipping: {clip}.",
         f"test ppl: mean ± sample std over the seeds at the chosen LR. Significance: Welch's t-test on the seeds' "
         f"test ppl, two-sided, 'yes' when p < {SIGNIFICANCE_LEVEL}; n/a below 2 seeds. Beside it, not the rule: the "
