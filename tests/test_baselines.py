@@ -194,7 +194,7 @@ def test_compare_baselines_table_has_every_method(prepared_data, tmp_path, capsy
     with one_thread():
         assert main(["compare", "--config", str(config), "--out", str(out), "--set", "baselines",
                      "--no-progress"]) == 0
-    names = ["full", "lora-ws", "relora", "relora-no-warm-start", "galore", "apollo", "apollo-mini"]
+    names = ["full", "full-ws-lr", "lora-ws", "relora", "relora-no-warm-start", "galore", "apollo", "apollo-mini"]
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["sets"]["baselines"]["rows"]}
     assert list(rows) == names
     full_text = (out / "baselines.md").read_text()

@@ -128,20 +128,27 @@ def test_compare_bad_procedure_is_one_line(argv, message, prepared_data, tmp_pat
 def test_full_rank_rows_ignore_adapter_settings_so_one_run_serves_every_study_table(tmp_path):
     """Full-rank training reads no adapter setting: a comparison that varies only those (the study's tables)
     resolves the same full-rank run, while the adapter rows get what was asked."""
-    from relora.analysis.compare_sets import MAIN_SET, resolve_run
+    from relora.analysis.compare_sets import BASELINES_SET, MAIN_SET, resolve_run
     from relora.run.config import ADAPTER_ONLY
 
     specs = {s.name: s for s in MAIN_SET}
     varied = {"rank": 16, "alpha": 8.0, "restart_adam_step": "reset", "prune_ratio": 0.9, "dropout": 0.1,
-              "restart_warmup_steps": 5, "eval_merges": True}
+              "restart_warmup_steps": 5, "eval_merges": True, "proj_rank": 64}  # proj_rank: the baselines set's
     config_file = tmp_path / "study.yaml"
     config_file.write_text("restart_adam_step: reset\nprune_ratio: 0.5\n")
     plain = resolve_run(specs["full"], tmp_path, preset="tiny", config_file=None, overrides={}, lr=1e-3)
+    plain_ws = resolve_run(specs["full-ws-lr"], tmp_path, preset="tiny", config_file=None, overrides={}, lr=3e-3)
     for overrides, file in ((varied, None), ({}, str(config_file)), (varied, str(config_file))):
         full = resolve_run(specs["full"], tmp_path, preset="tiny", config_file=file, overrides=overrides, lr=1e-3)
         assert full.to_dict() == plain.to_dict()
+        full_ws = resolve_run(specs["full-ws-lr"], tmp_path, preset="tiny", config_file=file, overrides=overrides,
+                              lr=3e-3)  # its one adapter-only setting, relora_lr, is the grid LR here
+        assert full_ws.to_dict() == plain_ws.to_dict() and full_ws.relora_lr == 3e-3
     relora = resolve_run(specs["relora"], tmp_path, preset="tiny", config_file=None, overrides=varied, lr=1e-3)
     assert {k: getattr(relora, k) for k in varied} == varied
+    galore = resolve_run({s.name: s for s in BASELINES_SET}["galore"], tmp_path, preset="tiny", config_file=None,
+                         overrides=varied, lr=1e-2)
+    assert galore.proj_rank == 64
     assert {"rank", "relora_lr", "restart_adam_step", "reference_defects"} <= set(ADAPTER_ONLY)
     assert not {"lr", "steps", "warm_start_steps", "seed", "warm_start", "jagged"} & set(ADAPTER_ONLY)
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from relora.run.config import ADAPTER_METHODS, ADAPTER_ONLY, PROJECTION_METHODS, TWO_PHASE_LR_METHODS, TrainConfig
+from relora.run.config import (
+    ADAPTER_METHODS,
+    ADAPTER_ONLY,
+    PROJECTION_METHODS,
+    PROJECTION_ONLY,
+    TWO_PHASE_LR_METHODS,
+    TrainConfig,
+)
 from relora.run.resolve import resolve_config
 
 ABLATION_SWITCHES = ("restarts", "optimizer_reset", "jagged", "warm_start")
@@ -76,6 +83,7 @@ ABLATION_SET = [
 ]
 BASELINES_SET = [
     RunSpec("full", {"method": "full"}),
+    RunSpec("full-ws-lr", {"method": "full-ws-lr"}),  # the warm-started rows' schedule at full rank
     RunSpec("lora-ws", {"method": "lora-ws"}),
     RunSpec("relora", {"method": "relora"}),
     RunSpec("relora-no-warm-start", {"method": "relora", "warm_start": False}),  # GaLore Table 2's ReLoRA
@@ -118,9 +126,13 @@ def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_fil
     values = {**overrides, **spec.settings}
     if values.get("method") not in ADAPTER_METHODS:  # the study-only reference defects are adapters' defects:
         values.pop("reference_defects", None)  # full-rank runs are the same run without them, and reused
-    if values.get("method") == "full":  # reads no adapter setting: pinned to the preset's, one run for all of them
-        plain = resolve_config(preset=preset, overrides={k: v for k, v in values.items() if k not in ADAPTER_ONLY})
-        values.update({k: getattr(plain, k) for k in ADAPTER_ONLY})
+    if values.get("method") in ("full", "full-ws-lr"):  # full-rank training reads no adapter or projection setting
+        # (full-ws-lr only relora_lr, the LR of its second phase): the others are pinned to the preset's, so that
+        # one run serves every table, the baselines' --rank / --proj-rank included
+        pinned = [k for k in (*ADAPTER_ONLY, *PROJECTION_ONLY)
+                  if not (k == "relora_lr" and values["method"] == "full-ws-lr")]
+        plain = resolve_config(preset=preset, overrides={k: v for k, v in values.items() if k not in pinned})
+        values.update({k: getattr(plain, k) for k in pinned})
     if clip_rule == "published" and spec.settings["method"] in PUBLISHED_GRAD_CLIP:
         values["grad_clip"] = PUBLISHED_GRAD_CLIP[spec.settings["method"]]
     base = resolve_config(preset=preset, config_file=config_file, overrides=values)

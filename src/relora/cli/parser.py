@@ -141,10 +141,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="run the paper's methods (and Table 6 ablation) with matched budgets",
                        description="Train full, full-ws-lr, control, lora, lora-ws, relora (main set) and the rows "
                                    "of the paper's Table 6, LoRA plus each combination of ReLoRA's components "
-                                   "(ablation set), from one config, or ReLoRA with and "
-                                   "without warm start beside full, lora-ws, GaLore, APOLLO and APOLLO-mini "
-                                   "(baselines set); write tables and figures. Finished runs are reused, "
-                                   "unfinished ones resumed.",
+                                   "(ablation set), from one config, or ReLoRA with and without warm start "
+                                   "beside full, full-ws-lr, lora-ws, GaLore, APOLLO and APOLLO-mini (baselines "
+                                   "set); write tables and figures. Finished runs are reused, unfinished ones "
+                                   "resumed.",
                        argument_default=argparse.SUPPRESS)
     c.add_argument("--set", default="all", choices=["main", "ablation", "baselines", "all"],
                    help="which set of runs (default all: main and ablation; baselines needs "

@@ -372,6 +372,7 @@ RESUME_INCOMPATIBLE = tuple(f.name for f in fields(TrainConfig) if not f.metadat
 # What full-rank training never reads: `relora compare` pins these to the preset's values for its full-rank rows,
 # so comparisons that vary only adapter settings (docs/results/study) reuse one full-rank run.
 ADAPTER_ONLY = tuple(f.name for f in fields(TrainConfig) if f.metadata["adapters_only"])
+PROJECTION_ONLY = ("proj_lr", "proj_rank", "update_proj_gap", "proj_scale")  # read by galore / apollo alone
 
 
 def incompatible_changes(saved: dict, current: dict) -> list[str]:
