@@ -244,6 +244,8 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     assert main_rows["control"]["total_params"] < main_rows["full"]["total_params"]
     assert main_rows["lora"]["mean_rank"] <= RANK < main_rows["relora"]["mean_rank"]
     table = (out / "main.md").read_text().split("\n\n")[-1]  # after the fairness header
+    control_cells = next(line for line in table.splitlines() if line.startswith("| control |")).split(" | ")
+    assert main_rows["control"]["mean_rank"] is None and control_cells[11] == "n/a"  # another shape: no dW
     assert table.count("\n") == 2 + 6 and f"| relora | {RANK} | 1 | 0.006 | {main_rows['relora']['test_ppl']:.2f} (n=1) |" in table
 
     ablation = (out / "ablation.md").read_text()
