@@ -14,6 +14,7 @@ import relora
 from relora.analysis.compare_sets import ABLATION_SET, RunSpec, ablation_switches
 from relora.cli import main
 from relora.errors import ConfigError
+from relora.core.adapters import find_targets
 from relora.run import checkpoint as ckpt
 from relora.run.build import make_model
 from relora.run.phase import build_phase
@@ -247,6 +248,56 @@ def test_weight_decay_skips_norms_embeddings_and_a(prepared_data, tmp_path):
         assert decay[0.0] == plain and len(plain) == (2 * 2 + 2 + 14 * wrapped)  # 2 norms x 2 layers, final, embed
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert decay[0.1] == trainable - plain and "lm_head.weight" in decay[0.1]
+
+
+@pytest.mark.parametrize("method", ["full", "full-ws-lr", "control"])
+def test_matrix_lr_scale_steps_the_wrapped_matrices_at_that_multiple_of_the_lr(method, prepared_data, tmp_path):
+    """The matrices ReLoRA would wrap step at matrix_lr_scale times the LR of the rest, at every step of the
+    schedule; one AdamW step checked against its closed form (first step: lr * g / (|g| + eps))."""
+    from relora.data import TokenWindows, load_prepared
+    from relora.run.evaluation import lm_loss
+
+    cfg = run_config(prepared_data, tmp_path, method=method, matrix_lr_scale=0.25, weight_decay=0.1)
+    model = make_model(cfg, 512)
+    modules = dict(model.named_modules())
+    targets = {id(modules[n].weight) for n in find_targets(model)}
+    phase = build_phase(cfg, model, wrapped=False)
+    groups = phase.optimizer.param_groups
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(targets) == 14
+    for _ in range(3):  # into the warm-up: the LR changes at every step
+        phase.scheduler.step()
+        base = {g["lr"] for g in groups if not {id(p) for p in g["params"]} & targets}
+        scaled = {g["lr"] for g in groups if {id(p) for p in g["params"]} & targets}
+        assert all({id(p) in targets for p in g["params"]} in ({True}, {False}) for g in groups)
+        assert len(base) == len(scaled) == 1 and scaled.pop() == pytest.approx(0.25 * base.pop(), rel=1e-12)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    batch = TokenWindows(load_prepared(prepared_data).train, cfg.seq_len, mode="sequential").get(torch.arange(4))
+    lm_loss(model, batch).backward()
+    phase.optimizer.step()
+    for group in groups:
+        for p in group["params"]:
+            expected = before[id(p)] * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * p.grad / (
+                p.grad.abs() + group["eps"])
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    q, lr = modules["model.layers.0.self_attn.q_proj"].weight, groups[0]["lr"]
+    adam_step = before[id(q)] * (1 - 0.25 * lr * 0.1) - q.detach()  # the decay taken out
+    assert float(adam_step.abs().max()) == pytest.approx(0.25 * lr, rel=1e-3)  # a sign-like first step: lr x 1
+
+
+def test_matrix_lr_scale_is_refused_outside_full_rank_methods_and_dropped_by_compare(prepared_data, tmp_path):
+    from relora.analysis.compare_sets import resolve_run
+
+    for method in ("lora", "relora", "galore"):
+        with pytest.raises(ConfigError, match="drop --matrix-lr-scale"):
+            run_config(prepared_data, tmp_path, method=method, matrix_lr_scale=0.5)
+    with pytest.raises(ConfigError, match="matrix_lr_scale must be > 0"):
+        run_config(prepared_data, tmp_path, method="full", matrix_lr_scale=0.0)
+    overrides = dict(run_config(prepared_data, tmp_path).__dict__, matrix_lr_scale=0.25)
+    overrides.pop("method")
+    got = {name: resolve_run(RunSpec(name, {"method": name}), tmp_path, preset=None, config_file=None,
+                             overrides=dict(overrides)).matrix_lr_scale for name in ("full", "relora")}
+    assert got == {"full": 0.25, "relora": 1.0}  # compare runs the diagnostic on the full-rank rows alone
 
 
 def test_weight_decay_decays_the_frozen_weight_like_adamw(prepared_data, tmp_path):

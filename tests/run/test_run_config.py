@@ -95,6 +95,7 @@ RESUME_INCOMPATIBLE_BEFORE = {
     "grad_clip", "batch_tokens", "micro_batch", "seq_len", "sampling", "init_from", "seed",
     "restarts", "optimizer_reset", "jagged", "warm_start", "distributed", "quantize", "master_weights",
     "frozen_dtype", "proj_lr", "proj_rank", "update_proj_gap", "proj_scale", "scale_front", "reference_defects",
+    "matrix_lr_scale",  # added later with default 1.0: a run saved without it is the same run
 }
 
 

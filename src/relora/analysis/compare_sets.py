@@ -19,6 +19,7 @@ from typing import Any
 from relora.run.config import (
     ADAPTER_METHODS,
     ADAPTER_ONLY,
+    FULL_RANK_METHODS,
     PROJECTION_METHODS,
     PROJECTION_ONLY,
     TWO_PHASE_LR_METHODS,
@@ -126,6 +127,8 @@ def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_fil
     values = {**overrides, **spec.settings}
     if values.get("method") not in ADAPTER_METHODS:  # the study-only reference defects are adapters' defects:
         values.pop("reference_defects", None)  # full-rank runs are the same run without them, and reused
+    if values.get("method") not in FULL_RANK_METHODS:  # a full-rank diagnostic: the other methods' matrices
+        values.pop("matrix_lr_scale", None)  # step at their own LRs, and their runs are reused
     if values.get("method") in ("full", "full-ws-lr"):  # full-rank training reads no adapter or projection setting
         # (full-ws-lr only relora_lr, the LR of its second phase): the others are pinned to the preset's, so that
         # one run serves every table, the baselines' --rank / --proj-rank included

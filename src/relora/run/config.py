@@ -31,6 +31,7 @@ ADAPTER_METHODS = ("lora", "lora-ws", "relora", "online-relora")
 # the methods whose main phase runs at relora_lr after warm_start_steps at lr: the adapters, and full-ws-lr, the
 # control that gives full-rank training their two-phase LR
 TWO_PHASE_LR_METHODS = (*ADAPTER_METHODS, "full-ws-lr")
+FULL_RANK_METHODS = ("full", "full-ws-lr", "control")  # plain AdamW on every weight
 DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
@@ -128,6 +129,10 @@ class TrainConfig:
     update_proj_gap: int = setting(200, "steps between GaLore's / APOLLO's projection updates (default 200)")
     proj_scale: float | None = setting(None, "GaLore's / APOLLO's scale (default: galore 0.25, apollo 1, "
                                        "apollo-mini 128)")
+    matrix_lr_scale: float = setting(1.0, "full-rank methods (full, full-ws-lr, control): peak LR of the linear "
+                                     "maps ReLoRA would wrap (attention, MLP) as a multiple of the rest's "
+                                     "(embeddings, head, norms); a diagnostic of GaLore's split, whose projected "
+                                     "matrices step at scale 0.25 of its LR (default 1: one LR)")
     scale_front: bool | None = setting(None, "APOLLO: apply the norm-growth limiter after the scale, yes or no "
                                        "(default: yes for apollo-mini, no for apollo)")
     device: str = setting("auto", "auto (default), cpu, cuda, cuda:N", resumable=True)
@@ -241,6 +246,11 @@ class TrainConfig:
             raise ConfigError(f"update_proj_gap must be a positive integer, got {self.update_proj_gap!r}")
         if self.proj_scale is not None and not self.proj_scale > 0:
             raise ConfigError(f"proj_scale must be > 0, got {self.proj_scale!r}")
+        if not self.matrix_lr_scale > 0:
+            raise ConfigError(f"matrix_lr_scale must be > 0, got {self.matrix_lr_scale!r}")
+        if self.matrix_lr_scale != 1.0 and self.method not in FULL_RANK_METHODS:
+            raise ConfigError(f"matrix_lr_scale is for the full-rank methods ({', '.join(FULL_RANK_METHODS)}); "
+                              f"method {self.method} sets its matrices' LR otherwise: drop --matrix-lr-scale")
         if self.method in PROJECTION_METHODS:
             from relora.baselines import optimizer_class
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from relora.core import sharding
-from relora.core.adapters import wrap
+from relora.core.adapters import find_targets, wrap
 from relora.core.config import ReLoRAConfig
 from relora.core.controller import ReLoRA
 from relora.core.weight_decay import decay_groups
@@ -53,8 +53,8 @@ def build_phase(cfg: TrainConfig, model: nn.Module, *, wrapped: bool, relora_cfg
 
         optimizer = build_projection_optimizer(cfg, model)
     else:
-        groups = decay_groups(named, dict(model.named_modules()), cfg.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr(wrapped), betas=(cfg.beta1, cfg.beta2))
+        optimizer = torch.optim.AdamW(_adamw_groups(cfg, model, named, wrapped), lr=cfg.peak_lr(wrapped),
+                                      betas=(cfg.beta1, cfg.beta2))
     for name, param in named:
         if previous and name in previous:
             optimizer.state[param] = {k: _like_param(v, param) for k, v in previous[name].items()}
@@ -72,6 +72,20 @@ def build_phase(cfg: TrainConfig, model: nn.Module, *, wrapped: bool, relora_cfg
         peak_change=cfg.peak_change,
     )
     return Phase(optimizer, scheduler, controller if wrapped else None, wrapped)
+
+
+def _adamw_groups(cfg: TrainConfig, model: nn.Module, named: list[tuple[str, nn.Parameter]], wrapped: bool
+                  ) -> list[dict]:
+    """AdamW's groups: decayed or not (``decay_groups``) and, with ``matrix_lr_scale`` != 1, the matrices ReLoRA
+    would wrap at that multiple of the peak LR. The LR schedule scales every group's LR by the same factor, so
+    the ratio holds at every step."""
+    modules = dict(model.named_modules())
+    if cfg.matrix_lr_scale == 1.0:
+        return decay_groups(named, modules, cfg.weight_decay)
+    targets = {f"{name}.weight" for name in find_targets(model, cfg.target_modules)}
+    return [*decay_groups([(n, p) for n, p in named if n not in targets], modules, cfg.weight_decay),
+            *decay_groups([(n, p) for n, p in named if n in targets], modules, cfg.weight_decay,
+                          lr=cfg.peak_lr(wrapped) * cfg.matrix_lr_scale)]
 
 
 def switch_to_adapters(cfg: TrainConfig, relora_cfg: ReLoRAConfig, model: nn.Module, phase: Phase, dist: Dist,
