@@ -271,3 +271,17 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
                  "--no-progress"]) == 2
     assert "different steps" in capsys.readouterr().err
     assert (out / "runs" / "full-lr0.003-seed0" / "summary.json").read_bytes() == before
+
+
+def test_compare_gives_matrix_lr_scale_to_the_full_rank_rows_alone(prepared_data, tmp_path):
+    config = tmp_path / "cmp.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        model=TINY_MODEL, data=str(prepared_data), steps=8, warmup_steps=2, warm_start_steps=4, reset_every=4,
+        restart_warmup_steps=1, rank=RANK, alpha=8, lr=3e-3, relora_lr=6e-3, batch_tokens=256, micro_batch=8,
+        seq_len=32, eval_every=0, eval_tokens=512, save_every=0, device="cpu")))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(config), "--set", "main", "--methods", "full,lora-ws",
+                 "--matrix-lr-scale", "0.5", "--out", str(out), "--no-progress"]) == 0
+    saved = {d.name.split("-lr")[0]: yaml.safe_load((d / "config.yaml").read_text())["matrix_lr_scale"]
+             for d in (out / "runs").iterdir()}
+    assert saved == {"full": 0.5, "lora-ws": 1.0}

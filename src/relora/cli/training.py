@@ -134,7 +134,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           methods=getattr(args, "methods", None), clip_rule=getattr(args, "clip_rule", "published"),
                           widen_edges=getattr(args, "widen_edges", 0))
     procedure.validate()
-    base = resolve_config(config_file=args.config, overrides=overrides)  # validates before any work
+    # validates before any work; matrix_lr_scale is for the full-rank rows alone (resolve_run drops it for the
+    # others), so the set's default method is checked without it and each row with it
+    base = resolve_config(config_file=args.config,
+                          overrides={k: v for k, v in overrides.items() if k != "matrix_lr_scale"})
     if base.data is None:
         overrides["data"] = str(prepare_default_corpus(base.cache_dir, base.vocab_size, progress=not args.no_progress))
     sets = list(PAPER_SETS) if args.set == "all" else [args.set]
