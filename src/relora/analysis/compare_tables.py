@@ -143,6 +143,7 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
         s, config = finished_summary(run), TrainConfig(**read_config(run))
         ratio = m["test_ppl_mean"] / full["test_ppl_mean"] if full else math.nan
         rank = spectra_rank.get(spec.name)  # None where not measured (control: another shape than the reference)
+        rank_cell = "n/a" if rank is None else f"{rank:.1f}"
         speed = s.get("tokens_per_s") or s["tokens"] / s["wall_s"]
         pvalues, paired = significance(spec.name, methods)
         rows.append({"name": spec.name, **s, "test_ppl_mean": m["test_ppl_mean"], "test_ppl_std": m["test_ppl_std"],
@@ -152,7 +153,7 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
             f"| {spec.name} | {_rank_of(config, run)} | {config.grad_clip:g} | {_fmt_lr(m)} | {_fmt_ppl(m)} | "
             f"{ratio:.3f} | {_fmt_significance(pvalues, paired)} | {s['val_ppl']:.2f} | "
             f"{_fmt_params(s['trainable_params'])} | {_fmt_params(s['total_params'])} | {_fmt_state(s)} | "
-            f"{'n/a' if rank is None else f'{rank:.1f}'} | {s['restarts']} | {speed:,.0f} | {s['wall_s'] / 60:.1f} min |"
+            f"{rank_cell} | {s['restarts']} | {speed:,.0f} | {s['wall_s'] / 60:.1f} min |"
         )
     return "\n".join(lines) + "\n", rows
 

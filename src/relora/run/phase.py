@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from relora.core import sharding
-from relora.core.adapters import find_targets, wrap
+from relora.core.adapters import wrap
 from relora.core.config import ReLoRAConfig
 from relora.core.controller import ReLoRA
 from relora.core.weight_decay import decay_groups
@@ -79,12 +79,14 @@ def _adamw_groups(cfg: TrainConfig, model: nn.Module, named: list[tuple[str, nn.
     """AdamW's groups: decayed or not (``decay_groups``) and, with ``matrix_lr_scale`` != 1, the matrices ReLoRA
     would wrap at that multiple of the peak LR. The LR schedule scales every group's LR by the same factor, so
     the ratio holds at every step."""
+    from relora.baselines import projected_parameters  # the matrices GaLore would project; no optional import
+
     modules = dict(model.named_modules())
     if cfg.matrix_lr_scale == 1.0:
         return decay_groups(named, modules, cfg.weight_decay)
-    targets = {f"{name}.weight" for name in find_targets(model, cfg.target_modules)}
-    return [*decay_groups([(n, p) for n, p in named if n not in targets], modules, cfg.weight_decay),
-            *decay_groups([(n, p) for n, p in named if n in targets], modules, cfg.weight_decay,
+    targets = {id(p) for p in projected_parameters(model, cfg.target_modules)}
+    return [*decay_groups([(n, p) for n, p in named if id(p) not in targets], modules, cfg.weight_decay),
+            *decay_groups([(n, p) for n, p in named if id(p) in targets], modules, cfg.weight_decay,
                           lr=cfg.peak_lr(wrapped) * cfg.matrix_lr_scale)]
 
 
