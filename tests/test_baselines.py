@@ -194,7 +194,8 @@ def test_compare_baselines_table_has_every_method(prepared_data, tmp_path, capsy
     with one_thread():
         assert main(["compare", "--config", str(config), "--out", str(out), "--set", "baselines",
                      "--no-progress"]) == 0
-    names = ["full", "full-ws-lr", "lora-ws", "relora", "relora-no-warm-start", "galore", "apollo", "apollo-mini"]
+    names = ["full", "full-ws-lr", "full-split-lr", "lora-ws", "relora", "relora-no-warm-start", "galore", "apollo",
+             "apollo-mini"]
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["sets"]["baselines"]["rows"]}
     assert list(rows) == names
     full_text = (out / "baselines.md").read_text()
@@ -212,6 +213,9 @@ def test_compare_baselines_table_has_every_method(prepared_data, tmp_path, capsy
         assert f" {summary['optimizer_state_bytes'] / 1e6:.2f}" in table
     assert rows["relora"]["restarts"] == 1 and rows["relora-no-warm-start"]["restarts"] == 2
     assert yaml.safe_load((run["relora-no-warm-start"] / "config.yaml").read_text())["warm_start"] is False
+    split = yaml.safe_load((run["full-split-lr"] / "config.yaml").read_text())
+    assert (split["method"], split["matrix_lr_scale"]) == ("full", 0.25)  # GaLore's split, at full rank
+    assert "| galore | " in table and "vs full-split-lr: n/a (1 seed)" in table
     assert rows["galore"]["trainable_params"] == rows["full"]["trainable_params"] > rows["relora"]["trainable_params"]
     assert yaml.safe_load((run["apollo-mini"] / "config.yaml").read_text())["proj_rank"] == 1  # not RANK
     assert "| apollo-mini | 1 (projection) |" in table and f"| galore | {RANK} (projection) |" in table

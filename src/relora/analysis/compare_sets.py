@@ -85,6 +85,8 @@ ABLATION_SET = [
 BASELINES_SET = [
     RunSpec("full", {"method": "full"}),
     RunSpec("full-ws-lr", {"method": "full-ws-lr"}),  # the warm-started rows' schedule at full rank
+    # GaLore's two LRs at full rank: AdamW with the matrices at a quarter (GaLore's scale) of the rest's LR
+    RunSpec("full-split-lr", {"method": "full", "matrix_lr_scale": 0.25}),
     RunSpec("lora-ws", {"method": "lora-ws"}),
     RunSpec("relora", {"method": "relora"}),
     RunSpec("relora-no-warm-start", {"method": "relora", "warm_start": False}),  # GaLore Table 2's ReLoRA

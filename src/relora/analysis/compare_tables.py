@@ -20,7 +20,8 @@ from relora.run.records import read_config
 
 # besides every method against full-rank: relora against lora-ws, and the warm-started rows against full-rank
 # with their own two-phase LR (full-ws-lr), which separates what the schedule gives from what the adapters do
-SIGNIFICANCE_PAIRS = {"relora": ("full", "lora-ws", "full-ws-lr"), "lora-ws": ("full", "full-ws-lr")}
+SIGNIFICANCE_PAIRS = {"relora": ("full", "lora-ws", "full-ws-lr"), "lora-ws": ("full", "full-ws-lr"),
+                      **{m: ("full", "full-split-lr") for m in ("galore", "apollo", "apollo-mini")}}
 
 
 def test_ppl_by_seed(m: dict) -> dict[int, float]:
@@ -31,7 +32,7 @@ def test_ppl_by_seed(m: dict) -> dict[int, float]:
 def significance(name: str, methods: dict[str, dict], against: tuple[str, ...] | None = None
                  ) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """Welch's p (the rule) and the paired t-test's p (over shared seeds, reported beside it) of this method's
-    seeds' test ppl against each of ``against``: by default full-rank's (and relora's against lora-ws's)."""
+    seeds' test ppl against each of ``against``: by default full-rank's, and SIGNIFICANCE_PAIRS' controls."""
     welch: dict[str, float | None] = {}
     paired: dict[str, float | None] = {}
     for other in against or SIGNIFICANCE_PAIRS.get(name, ("full",)):
