@@ -118,6 +118,11 @@ def lr_field(method: str) -> str:
     return "proj_lr" if method in PROJECTION_METHODS else "lr"
 
 
+# Settings a set passes to the rows that read them and drops for the others: the study-only reference defects
+# are adapters' defects; --matrix-lr-scale is a full-rank diagnostic (the other methods set their matrices' LR).
+READ_ONLY_BY = {"reference_defects": ADAPTER_METHODS, "matrix_lr_scale": FULL_RANK_METHODS}
+
+
 def run_name(spec: RunSpec, lr: float, seed: int) -> str:
     return f"{spec.name}-lr{lr:g}-seed{seed}"
 
@@ -127,10 +132,9 @@ def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_fil
                 clip_rule: str = "published") -> TrainConfig:
     """The config of one run: the set's settings, this spec's method, a grid LR and the k-th seed after --seed."""
     values = {**overrides, **spec.settings}
-    if values.get("method") not in ADAPTER_METHODS:  # the study-only reference defects are adapters' defects:
-        values.pop("reference_defects", None)  # full-rank runs are the same run without them, and reused
-    if values.get("method") not in FULL_RANK_METHODS:  # a full-rank diagnostic: the other methods' matrices
-        values.pop("matrix_lr_scale", None)  # step at their own LRs, and their runs are reused
+    for key, readers in READ_ONLY_BY.items():  # a run of another method is the same run without it, and reused
+        if values.get("method") not in readers:
+            values.pop(key, None)
     if values.get("method") in ("full", "full-ws-lr"):  # full-rank training reads no adapter or projection setting
         # (full-ws-lr only relora_lr, the LR of its second phase): the others are pinned to the preset's, so that
         # one run serves every table, the baselines' --rank / --proj-rank included

@@ -142,8 +142,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                        description="Train full, full-ws-lr, control, lora, lora-ws, relora (main set) and the rows "
                                    "of the paper's Table 6, LoRA plus each combination of ReLoRA's components "
                                    "(ablation set), from one config, or ReLoRA with and without warm start "
-                                   "beside full, full-ws-lr, lora-ws, GaLore, APOLLO and APOLLO-mini (baselines "
-                                   "set); write tables and figures. Finished runs are reused, unfinished ones "
+                                   "beside full, full-ws-lr, full-split-lr, lora-ws, GaLore, APOLLO and APOLLO-mini "
+                                   "(baselines set); write tables and figures. Finished runs are reused, unfinished ones "
                                    "resumed.",
                        argument_default=argparse.SUPPRESS)
     c.add_argument("--set", default="all", choices=["main", "ablation", "baselines", "all"],
