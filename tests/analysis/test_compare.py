@@ -153,6 +153,21 @@ def test_full_rank_rows_ignore_adapter_settings_so_one_run_serves_every_study_ta
     assert not {"lr", "steps", "warm_start_steps", "seed", "warm_start", "jagged"} & set(ADAPTER_ONLY)
 
 
+def test_dropped_settings_names_the_rows_that_do_not_read_a_setting():
+    from relora.analysis.compare_sets import BASELINES_SET, dropped_settings
+
+    specs = list(BASELINES_SET)
+    dropped = dropped_settings(specs, {"matrix_lr_scale": 0.25, "reference_defects": ["zero-init-a"], "rank": 4})
+    # independent of READ_ONLY_BY: full-rank training has no adapters, the others set their matrices' LR themselves
+    full_rank = {s.name for s in specs if s.settings["method"] in ("full", "full-ws-lr", "control")}
+    adapters = {s.name for s in specs if s.settings["method"] in ("lora", "lora-ws", "relora", "online-relora")}
+    assert set(dropped["matrix_lr_scale"]) == {s.name for s in specs} - full_rank
+    assert set(dropped["reference_defects"]) == {s.name for s in specs} - adapters
+    assert "rank" not in dropped and dropped_settings(specs, {}) == {}
+    only_full = [s for s in specs if s.name == "full"]
+    assert dropped_settings(only_full, {"matrix_lr_scale": 0.25}) == {}
+
+
 def test_an_interrupted_compare_says_how_to_continue_in_one_line(prepared_data, tmp_path, monkeypatch, capsys):
     """SIGINT/SIGTERM reach compare as KeyboardInterrupt (the run saved a checkpoint): exit 130, no traceback."""
     config = tmp_path / "cmp.yaml"

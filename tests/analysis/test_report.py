@@ -273,7 +273,7 @@ def test_compare_runs_both_sets_writes_tables_and_reuses_finished_runs(prepared_
     assert (out / "runs" / "full-lr0.003-seed0" / "summary.json").read_bytes() == before
 
 
-def test_compare_gives_matrix_lr_scale_to_the_full_rank_rows_alone(prepared_data, tmp_path):
+def test_compare_gives_matrix_lr_scale_to_the_full_rank_rows_alone(prepared_data, tmp_path, caplog):
     config = tmp_path / "cmp.yaml"
     config.write_text(yaml.safe_dump(dict(
         model=TINY_MODEL, data=str(prepared_data), steps=8, warmup_steps=2, warm_start_steps=4, reset_every=4,
@@ -285,3 +285,5 @@ def test_compare_gives_matrix_lr_scale_to_the_full_rank_rows_alone(prepared_data
     saved = {d.name.split("-lr")[0]: yaml.safe_load((d / "config.yaml").read_text())["matrix_lr_scale"]
              for d in (out / "runs").iterdir()}
     assert saved == {"full": 0.5, "lora-ws": 1.0}
+    # and says so, naming the rows that run without it
+    assert "--matrix-lr-scale applies only to the rows that read it; lora-ws run without it" in caplog.text

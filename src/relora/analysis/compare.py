@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from relora.analysis.compare_procedure import (
     seeds_at_chosen_lr,
     widen_grids,
 )
-from relora.analysis.compare_sets import SETS, TABLE_SETS, RunSpec, resolve_run
+from relora.analysis.compare_sets import SETS, TABLE_SETS, RunSpec, dropped_settings, resolve_run
 from relora.analysis.compare_tables import ablation_table, comparison_table, fairness_header
 from relora.analysis.plots import plot_curves
 from relora.analysis.report import analyze_runs, write_analysis
@@ -43,6 +44,8 @@ from relora.errors import ConfigError
 from relora.fileio import write_text_atomic
 from relora.run.config import TrainConfig
 from relora.run.records import read_curves
+
+logger = logging.getLogger(__name__)
 
 
 def compare(
@@ -73,6 +76,9 @@ def compare(
     for name in sets:
         for spec in members[name]:
             specs.setdefault(spec.name, spec)
+    for key, names in dropped_settings(list(specs.values()), dict(overrides or {})).items():
+        logger.warning("--%s applies only to the rows that read it; %s run without it",
+                       key.replace("_", "-"), ", ".join(names))
     resolve = functools.partial(resolve_run, runs_dir=runs_dir, preset=preset, config_file=config_file,
                                 overrides=dict(overrides or {}), clip_rule=procedure.clip_rule)
     lrs = list(procedure.lr_grid) if procedure.lr_grid is not None else [None]
