@@ -97,7 +97,8 @@ def test_compare_tunes_each_method_repeats_seeds_and_resumes_without_retraining(
     diffs = np.array([by_seed[0][k] - by_seed[1][k] for k in (5, 6, 7)])
     paired_p = t_tail_by_integration(diffs.mean() / (diffs.std(ddof=1) / math.sqrt(3)), 2)
     assert row["paired_p_values"]["full"] == pytest.approx(paired_p, abs=1e-6)
-    assert f"vs full: {verdict} (p={p:.3f}, paired p={paired_p:.3f})" in table
+    shown = ["<0.001" if x < 0.0005 else f"={x:.3f}" for x in (p, paired_p)]
+    assert f"vs full: {verdict} (p{shown[0]}, paired p{shown[1]})" in table
     assert f"{relora_['test_ppl_mean']:.2f} ± {relora_['test_ppl_std']:.2f} (n=3)" in table
     assert "| full | - | 1 |" in table and "| relora | 4 | 1 |" in table
 

@@ -287,3 +287,11 @@ def test_compare_gives_matrix_lr_scale_to_the_full_rank_rows_alone(prepared_data
     assert saved == {"full": 0.5, "lora-ws": 1.0}
     # and says so, naming the rows that run without it
     assert "--matrix-lr-scale applies only to the rows that read it; lora-ws run without it" in caplog.text
+    # without a full-rank row there is nothing to divide by: n/a in the table, null in results.json (not nan)
+    subset = tmp_path / "subset"
+    assert main(["compare", "--config", str(config), "--set", "main", "--methods", "lora-ws",
+                 "--runs", str(out / "runs"), "--out", str(subset), "--no-progress"]) == 0
+    results = json.loads((subset / "results.json").read_text())  # strict JSON: a NaN would not parse back as null
+    assert results["trained_s"] == {} and results["sets"]["main"]["rows"][0]["ppl_over_full"] is None
+    row = [line for line in (subset / "main.md").read_text().splitlines() if line.startswith("| lora-ws |")]
+    assert row[0].split(" | ")[5] == "n/a" and "nan" not in (subset / "main.md").read_text()

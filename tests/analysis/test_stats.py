@@ -90,3 +90,10 @@ def test_paired_t_test_uses_only_shared_seeds_and_edge_cases():
     assert paired_t_test({0: 1.0, 1: 2.0}, {1: 2.0, 2: 3.0}) is None  # one shared seed
     assert paired_t_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})[2] == 1.0
     assert paired_t_test({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})[2] == 0.0
+
+
+def test_format_p_never_shows_a_p_of_zero():
+    from relora.analysis.stats import format_p
+
+    assert format_p(0.012) == "=0.012" and format_p(0.0006) == "=0.001" and format_p(0.97449) == "=0.974"
+    assert format_p(0.00049) == "<0.001" and format_p(1e-12) == "<0.001" and format_p(0.0) == "<0.001"

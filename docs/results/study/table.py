@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from relora.analysis.compare_tables import test_ppl_by_seed
-from relora.analysis.stats import SIGNIFICANCE_LEVEL, mean_std, paired_t_test, welch_t_test
+from relora.analysis.stats import SIGNIFICANCE_LEVEL, format_p, mean_std, paired_t_test, welch_t_test
 
 
 def row(arg: str) -> tuple[str, dict]:
@@ -41,9 +41,9 @@ def main(args: list[str]) -> None:
         mean, std = mean_std(m["test_ppls"]) if m["test_ppls"] else (None, None)
         ppl = "diverged" if mean is None else f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
         test = welch_t_test(m["test_ppls"], reference) if m is not rows[0][1] else None
-        p = "" if test is None else f"{test[2]:.3f}{' *' if test[2] < SIGNIFICANCE_LEVEL else ''}"
+        p = "" if test is None else f"{format_p(test[2]).lstrip('=')}{' *' if test[2] < SIGNIFICANCE_LEVEL else ''}"
         paired = paired_t_test(test_ppl_by_seed(m), test_ppl_by_seed(rows[0][1])) if m is not rows[0][1] else None
-        p += " | " + ("" if paired is None else f"{paired[2]:.3f}")
+        p += " | " + ("" if paired is None else format_p(paired[2]).lstrip("="))
         edge = " (edge)" if m.get("chosen_lr_at_edge") else ""
         print(f"| {label} | {m['chosen_lr']:g}{edge} | {m['n_seeds']} | {ppl} | {p} |")
 

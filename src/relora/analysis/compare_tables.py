@@ -9,12 +9,11 @@ per-run columns are the chosen LR's first seed's, read from its run directory.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from relora.analysis.compare_procedure import WIDEN_FACTOR, Procedure, finished_summary
 from relora.analysis.compare_sets import ABLATION_SWITCHES, RunSpec, ablation_switches
-from relora.analysis.stats import SIGNIFICANCE_LEVEL, paired_t_test, welch_t_test
+from relora.analysis.stats import SIGNIFICANCE_LEVEL, format_p, paired_t_test, welch_t_test
 from relora.run.config import ADAPTER_METHODS, FIELD_NAMES, PROJECTION_METHODS, TWO_PHASE_LR_METHODS, TrainConfig
 from relora.run.records import read_config
 
@@ -62,8 +61,8 @@ def _fmt_significance(welch: dict[str, float | None], paired: dict[str, float | 
         if p is None:
             cells.append(f"vs {other}: n/a (1 seed)")
             continue
-        extra = "" if paired.get(other) is None else f", paired p={paired[other]:.3f}"
-        cells.append(f"vs {other}: {'yes' if p < SIGNIFICANCE_LEVEL else 'no'} (p={p:.3f}{extra})")
+        extra = "" if paired.get(other) is None else f", paired p{format_p(paired[other])}"
+        cells.append(f"vs {other}: {'yes' if p < SIGNIFICANCE_LEVEL else 'no'} (p{format_p(p)}{extra})")
     return "; ".join(cells) or "-"
 
 
@@ -142,7 +141,9 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
         m = methods[spec.name]
         run = Path(m["chosen_run"])
         s, config = finished_summary(run), TrainConfig(**read_config(run))
-        ratio = m["test_ppl_mean"] / full["test_ppl_mean"] if full else math.nan
+        # None without a full-rank row to divide by (a --methods subset), as n/a in the table and null in JSON
+        ratio = (m["test_ppl_mean"] / full["test_ppl_mean"]
+                 if full and full["test_ppl_mean"] and m["test_ppl_mean"] is not None else None)
         rank = spectra_rank.get(spec.name)  # None where not measured (control: another shape than the reference)
         rank_cell = "n/a" if rank is None else f"{rank:.1f}"
         speed = s.get("tokens_per_s") or s["tokens"] / s["wall_s"]
@@ -152,7 +153,7 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
                      "paired_p_values": paired, "ppl_over_full": ratio, "mean_rank": rank})
         lines.append(
             f"| {spec.name} | {_rank_of(config, run)} | {config.grad_clip:g} | {_fmt_lr(m)} | {_fmt_ppl(m)} | "
-            f"{ratio:.3f} | {_fmt_significance(pvalues, paired)} | {s['val_ppl']:.2f} | "
+            f"{'n/a' if ratio is None else f'{ratio:.3f}'} | {_fmt_significance(pvalues, paired)} | {s['val_ppl']:.2f} | "
             f"{_fmt_params(s['trainable_params'])} | {_fmt_params(s['total_params'])} | {_fmt_state(s)} | "
             f"{rank_cell} | {s['restarts']} | {speed:,.0f} | {s['wall_s'] / 60:.1f} min |"
         )

@@ -22,6 +22,11 @@ from collections.abc import Mapping, Sequence
 SIGNIFICANCE_LEVEL = 0.05
 
 
+def format_p(p: float) -> str:
+    """A p-value for a table, with its relation: ``=0.012``, or ``<0.001`` where three decimals would show 0.000."""
+    return "<0.001" if p < 0.0005 else f"={p:.3f}"
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (n-1 in the denominator); std None for a single value."""
     n = len(values)
