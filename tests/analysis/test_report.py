@@ -295,3 +295,38 @@ def test_compare_gives_matrix_lr_scale_to_the_full_rank_rows_alone(prepared_data
     assert results["trained_s"] == {} and results["sets"]["main"]["rows"][0]["ppl_over_full"] is None
     row = [line for line in (subset / "main.md").read_text().splitlines() if line.startswith("| lora-ws |")]
     assert row[0].split(" | ")[5] == "n/a" and "nan" not in (subset / "main.md").read_text()
+
+
+def test_a_method_whose_every_run_diverged_is_a_row_of_the_main_table(prepared_data, tmp_path, monkeypatch):
+    """Not a crash of compare: the row says diverged, and the others are compared as usual."""
+    import relora.analysis.compare
+    import relora.train
+
+    loss_fn = relora.train.lm_loss
+    state = {"lora": False, "calls": 0}
+
+    def nan_for_lora(model, batch):
+        loss = loss_fn(model, batch)
+        state["calls"] += 1
+        return loss * float("nan") if model.training and state["lora"] and state["calls"] > 2 else loss
+
+    real_train = relora.train.train
+
+    def train(config, **kwargs):
+        state["lora"], state["calls"] = Path(config.out).name.startswith("lora-lr"), 0
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(relora.train, "lm_loss", nan_for_lora)
+    monkeypatch.setattr(relora.train, "train", train)
+    overrides = dict(model=TINY_MODEL, data=str(prepared_data), steps=6, warmup_steps=1, warm_start_steps=2,
+                     reset_every=2, restart_warmup_steps=1, rank=RANK, alpha=8, batch_tokens=256, micro_batch=8,
+                     seq_len=32, eval_every=0, eval_tokens=256, save_every=0, device="cpu", max_bad_steps=1,
+                     on_bad_steps="stop", log_every=1)
+    from relora.analysis.compare_procedure import Procedure
+    results = relora.analysis.compare.compare(sets=["main"], out=tmp_path / "cmp", overrides=overrides,
+                                              progress=False, procedure=Procedure(methods=("full", "lora")))
+    rows = {r["name"]: r for r in results["sets"]["main"]["rows"]}
+    assert rows["lora"]["diverged"] and rows["lora"]["test_ppl_mean"] is None
+    assert not rows["full"].get("diverged") and rows["full"]["test_ppl_mean"] > 1
+    line = next(x for x in (tmp_path / "cmp" / "main.md").read_text().splitlines() if x.startswith("| lora |"))
+    assert "| diverged |" in line and line.count("|") == 16, line  # as many cells as the header

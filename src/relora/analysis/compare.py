@@ -146,7 +146,8 @@ def write_set(name: str, members: list[RunSpec], methods: dict[str, dict], out: 
     curves = [read_curves(run, label=s.name) for run, s in zip(chosen_runs, members) if _has_curve(run)]
     figures = {"loss": plot_curves(curves, out / f"{name}-loss.png", title=title)}
     if name in TABLE_SETS:
-        adapter_runs = [(s, r) for s, r in zip(members, chosen_runs) if s.name != "control"]  # another shape
+        adapter_runs = [(s, r) for s, r in zip(members, chosen_runs)  # control: another shape; diverged: no model
+                        if s.name != "control" and not methods[s.name]["diverged"]]
         spectra = analyze_runs([r for _, r in adapter_runs], labels=[s.name for s, _ in adapter_runs],
                                threshold=threshold)
         figures.update(write_analysis(spectra, out, threshold=threshold, prefix=f"{name}-"))
