@@ -182,31 +182,35 @@ def test_the_ablation_set_is_the_papers_table_6(prepared_data, tmp_path):
         assert (tuple(on[k] for k in ABLATION_SWITCHES) if on else None) == PAPER_TABLE_6[spec.paper], spec.name
 
 
+def diverge_runs_named(monkeypatch, prefix: str) -> dict:
+    """Make every run whose directory name starts with ``prefix`` diverge (NaN loss from its 3rd micro-batch on,
+    after its first record) and stop at the first bad step; returns compare overrides for a 6-step tiny run."""
+    import relora.train
+
+    loss_fn, real_train = relora.train.lm_loss, relora.train.train
+    state = {"on": False, "calls": 0}
+
+    def nan_loss(model, batch):
+        loss = loss_fn(model, batch)
+        state["calls"] += 1
+        return loss * float("nan") if model.training and state["on"] and state["calls"] > 2 else loss
+
+    def train(config, **kwargs):
+        state["on"], state["calls"] = Path(config.out).name.startswith(prefix), 0  # NAME-lrLR-seedS
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(relora.train, "lm_loss", nan_loss)
+    monkeypatch.setattr(relora.train, "train", train)
+    return dict(model=TINY_MODEL, steps=6, warmup_steps=1, warm_start_steps=2, reset_every=2, restart_warmup_steps=1,
+                rank=RANK, alpha=8, batch_tokens=256, micro_batch=8, seq_len=32, eval_every=0, eval_tokens=256,
+                save_every=0, device="cpu", max_bad_steps=1, on_bad_steps="stop", log_every=1)
+
+
 def test_a_diverged_run_is_a_row_of_the_ablation_table(prepared_data, tmp_path, monkeypatch):
     """The paper's "+ restarts + optimizer reset" diverged: such a run is reported, not a crash of compare."""
     import relora.analysis.compare
-    import relora.train
 
-    loss_fn = relora.train.lm_loss
-
-    def nan_without_jagged(model, batch):  # NaN from the 3rd micro-batch of that run on: after its first record
-        loss = loss_fn(model, batch)
-        calls[0] += 1
-        return loss * float("nan") if model.training and RESET_ONLY[0] and calls[0] > 2 else loss
-
-    RESET_ONLY, calls = [False], [0]
-    real_train = relora.train.train
-
-    def train(config, **kwargs):
-        RESET_ONLY[0] = Path(config.out).name.startswith("lora-restarts-reset-lr")  # NAME-lrLR-seedS
-        return real_train(config, **kwargs)
-
-    monkeypatch.setattr(relora.train, "lm_loss", nan_without_jagged)
-    monkeypatch.setattr(relora.train, "train", train)
-    overrides = dict(model=TINY_MODEL, data=str(prepared_data), steps=6, warmup_steps=1, warm_start_steps=2,
-                     reset_every=2, restart_warmup_steps=1, rank=RANK, alpha=8, batch_tokens=256, micro_batch=8,
-                     seq_len=32, eval_every=0, eval_tokens=256, save_every=0, device="cpu", max_bad_steps=1,
-                     on_bad_steps="stop", log_every=1)
+    overrides = {**diverge_runs_named(monkeypatch, "lora-restarts-reset-lr"), "data": str(prepared_data)}
     results = relora.analysis.compare.compare(sets=["ablation"], out=tmp_path / "cmp", overrides=overrides, progress=False)
     rows = {r["name"]: r for r in results["sets"]["ablation"]["rows"]}
     assert rows["lora-restarts-reset"]["diverged"] and rows["lora-restarts-reset"]["val_ppl"] is None
@@ -300,28 +304,8 @@ def test_compare_gives_matrix_lr_scale_to_the_full_rank_rows_alone(prepared_data
 def test_a_method_whose_every_run_diverged_is_a_row_of_the_main_table(prepared_data, tmp_path, monkeypatch):
     """Not a crash of compare: the row says diverged, and the others are compared as usual."""
     import relora.analysis.compare
-    import relora.train
 
-    loss_fn = relora.train.lm_loss
-    state = {"lora": False, "calls": 0}
-
-    def nan_for_lora(model, batch):
-        loss = loss_fn(model, batch)
-        state["calls"] += 1
-        return loss * float("nan") if model.training and state["lora"] and state["calls"] > 2 else loss
-
-    real_train = relora.train.train
-
-    def train(config, **kwargs):
-        state["lora"], state["calls"] = Path(config.out).name.startswith("lora-lr"), 0
-        return real_train(config, **kwargs)
-
-    monkeypatch.setattr(relora.train, "lm_loss", nan_for_lora)
-    monkeypatch.setattr(relora.train, "train", train)
-    overrides = dict(model=TINY_MODEL, data=str(prepared_data), steps=6, warmup_steps=1, warm_start_steps=2,
-                     reset_every=2, restart_warmup_steps=1, rank=RANK, alpha=8, batch_tokens=256, micro_batch=8,
-                     seq_len=32, eval_every=0, eval_tokens=256, save_every=0, device="cpu", max_bad_steps=1,
-                     on_bad_steps="stop", log_every=1)
+    overrides = {**diverge_runs_named(monkeypatch, "lora-lr"), "data": str(prepared_data)}
     from relora.analysis.compare_procedure import Procedure
     results = relora.analysis.compare.compare(sets=["main"], out=tmp_path / "cmp", overrides=overrides,
                                               progress=False, procedure=Procedure(methods=("full", "lora")))
