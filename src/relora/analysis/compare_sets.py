@@ -125,9 +125,12 @@ READ_ONLY_BY = {"reference_defects": ADAPTER_METHODS, "matrix_lr_scale": FULL_RA
 
 def dropped_settings(specs: list[RunSpec], overrides: dict[str, Any]) -> dict[str, list[str]]:
     """{setting given in ``overrides``: the rows that do not read it (``READ_ONLY_BY``), in ``specs`` order}."""
-    return {key: names for key, readers in READ_ONLY_BY.items() if key in overrides
-            for names in [[s.name for s in specs if {**overrides, **s.settings}.get("method") not in readers]]
-            if names}
+    dropped = {}
+    for key, readers in READ_ONLY_BY.items():
+        names = [s.name for s in specs if {**overrides, **s.settings}.get("method") not in readers]
+        if key in overrides and names:
+            dropped[key] = names
+    return dropped
 
 
 def run_name(spec: RunSpec, lr: float, seed: int) -> str:

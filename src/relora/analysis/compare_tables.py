@@ -140,14 +140,15 @@ def comparison_table(specs: list[RunSpec], methods: dict[str, dict], spectra_ran
     for spec in specs:
         m = methods[spec.name]
         run = Path(m["chosen_run"])
+        config = TrainConfig(**read_config(run))
         if m["diverged"]:  # every grid run diverged: a row that says so, as in the ablation table
             rows.append({"name": spec.name, "diverged": True, "chosen_lr": m["chosen_lr"], "test_ppl_mean": None,
                          "test_ppl_std": None, "p_values": {}, "paired_p_values": {}, "ppl_over_full": None,
                          "mean_rank": None})
-            lines.append(f"| {spec.name} | {_rank_of(TrainConfig(**read_config(run)), run)} | - | {_fmt_lr(m)} | "
+            lines.append(f"| {spec.name} | {_rank_of(config, run)} | - | {_fmt_lr(m)} | "
                          "diverged | - | - | diverged |" + " - |" * 7)
             continue
-        s, config = finished_summary(run), TrainConfig(**read_config(run))
+        s = finished_summary(run)
         # None without a full-rank row to divide by (a --methods subset), as n/a in the table and null in JSON
         ratio = (m["test_ppl_mean"] / full["test_ppl_mean"]
                  if full and full["test_ppl_mean"] and m["test_ppl_mean"] is not None else None)
