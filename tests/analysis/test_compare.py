@@ -305,14 +305,19 @@ def test_compare_widens_an_edge_choice_once_per_round_and_says_so_in_the_header(
 
 def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys):
     """docs/results/study/table.py: one row per LABEL=OUT:METHOD, p-values against the first row computed
-    here from their definitions (Welch's; the paired test on the per-seed differences)."""
+    here from their definitions (Welch's; the paired test on the per-seed differences), and the val ppl beside
+    them as exp of each seed's val loss."""
     import runpy
 
     rng = np.random.default_rng(7)
     shared = rng.normal(100, 4, 3)  # seed effects both invocations share
     ppls = {"a": shared + rng.normal(0, 0.5, 3), "b": shared + 2 + rng.normal(0, 0.5, 3)}
+    val_losses = {name: rng.normal(4.5, 0.05, 3) for name in ppls}
     for name, values in ppls.items():
-        runs = [{"lr": 1e-3, "seed": k, "diverged": False, "test_ppl": float(v)} for k, v in enumerate(values)]
+        runs = [{"lr": 1e-3, "seed": k, "diverged": False, "test_ppl": float(v), "val_loss": float(loss)}
+                for k, (v, loss) in enumerate(zip(values, val_losses[name]))]
+        # a grid run at another LR: not one of the seeds, so in neither column
+        runs.append({"lr": 3e-3, "seed": 0, "diverged": False, "test_ppl": 1e4, "val_loss": 9.0})
         method = {"runs": runs, "chosen_lr": 1e-3, "chosen_lr_at_edge": False, "n_seeds": 3,
                   "test_ppls": [float(v) for v in values]}
         (tmp_path / name).mkdir()
@@ -326,4 +331,6 @@ def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys)
     welch = welch_p(ppls["b"], ppls["a"])
     star = " *" if welch < 0.05 else ""
     ppl = f"{ppls['b'].mean():.2f} ± {ppls['b'].std(ddof=1):.2f}"
-    assert last == f"| variant | 0.001 | 3 | {ppl} | {welch:.3f}{star} | {paired:.3f} |"
+    val = np.exp(val_losses["b"])
+    val_ppl = f"{val.mean():.2f} ± {val.std(ddof=1):.2f}"
+    assert last == f"| variant | 0.001 | 3 | {val_ppl} | {ppl} | {welch:.3f}{star} | {paired:.3f} |"

@@ -5,12 +5,14 @@
 Each argument names a row: the ``results.json`` under OUT and the method row in it. The first row is the
 reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's
 (the rule, * when p < 0.05) and the paired t-test's p over the seeds both rows ran, as ``relora compare``
-does within one invocation (relora.analysis.stats). Prints a markdown table.
+does within one invocation (relora.analysis.stats). The val ppl column is the same seeds' final validation
+perplexity (exp of ``val_loss``), reported beside the test ppl that the p-values judge. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,22 +32,33 @@ def row(arg: str) -> tuple[str, dict]:
     return label, results["methods"][method]
 
 
+def val_ppls(m: dict) -> list[float]:
+    """Final val ppl of the method's finished (not diverged) runs at its chosen LR, one per seed."""
+    return [math.exp(r["val_loss"]) for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]]
+
+
+def mean_pm_std(values: list[float]) -> str:
+    if not values:
+        return "diverged"
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
 def main(args: list[str]) -> None:
     if not args:
         raise SystemExit(__doc__)
     rows = [row(a) for a in args]
     reference = rows[0][1]["test_ppls"]
-    print(f"| run | chosen LR | seeds | test ppl (mean ± std) | Welch p vs {rows[0][0]} | paired p |")
-    print("|---|---|---|---|---|---|")
+    print(f"| run | chosen LR | seeds | val ppl | test ppl (mean ± std) | Welch p vs {rows[0][0]} | paired p |")
+    print("|---|---|---|---|---|---|---|")
     for label, m in rows:
-        mean, std = mean_std(m["test_ppls"]) if m["test_ppls"] else (None, None)
-        ppl = "diverged" if mean is None else f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
         test = welch_t_test(m["test_ppls"], reference) if m is not rows[0][1] else None
         p = "" if test is None else f"{format_p(test[2]).lstrip('=')}{' *' if test[2] < SIGNIFICANCE_LEVEL else ''}"
         paired = paired_t_test(test_ppl_by_seed(m), test_ppl_by_seed(rows[0][1])) if m is not rows[0][1] else None
         p += " | " + ("" if paired is None else format_p(paired[2]).lstrip("="))
         edge = " (edge)" if m.get("chosen_lr_at_edge") else ""
-        print(f"| {label} | {m['chosen_lr']:g}{edge} | {m['n_seeds']} | {ppl} | {p} |")
+        print(f"| {label} | {m['chosen_lr']:g}{edge} | {m['n_seeds']} | {mean_pm_std(val_ppls(m))} | "
+              f"{mean_pm_std(m['test_ppls'])} | {p} |")
 
 
 if __name__ == "__main__":
