@@ -86,17 +86,20 @@ def study_commands() -> list[str]:
     text = (STUDY / "README.md").read_text()
     lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ").splitlines()
     names = dict(STUDY_STAND_INS)
-    for line in lines:  # literal assignments (S=..., GRID=..., STEPS=..., P=...), in page order
-        match = re.fullmatch(r"(\w+)=([^$\s(]\S*)", line.strip())
-        if match and match[1] not in STUDY_STAND_INS:
-            names[match[1]] = match[2]
+
+    def substitute(text: str) -> str:
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: names[m[1]], text)
+
     commands = []
-    for line in lines:
+    for line in lines:  # assignments (S=..., R=$S/..., T2="--preset ...") and commands, in page order
         line = line.split(" #")[0].strip()
+        match = re.fullmatch(r'(\w+)=(?:"([^"]*)"|([^\s(]\S*))', line)
+        if match and match[1] not in STUDY_STAND_INS and not line.startswith(f"{match[1]}=$("):
+            names[match[1]] = substitute(match[2] if match[2] is not None else match[3])
         if not line.startswith("relora "):
             continue
         line = re.sub(r"\$\(chosen_run [^)]*\)", "runs/stand-in", line)
-        commands.append(re.sub(r"\$\{?(\w+)\}?", lambda m: names[m[1]], line))
+        commands.append(substitute(line))
     return commands
 
 
