@@ -334,3 +334,35 @@ def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys)
     val = np.exp(val_losses["b"])
     val_ppl = f"{val.mean():.2f} ± {val.std(ddof=1):.2f}"
     assert last == f"| variant | 0.001 | 3 | {val_ppl} | {ppl} | {welch:.3f}{star} | {paired:.3f} |"
+
+
+def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):
+    """docs/results/study/merge_jumps.py: the jumps of the chosen LR's seed runs, from their merge records, against
+    numpy on the same random losses; a grid run at another LR and records without merge fields are left out."""
+    import runpy
+
+    rng = np.random.default_rng(11)
+    before = rng.uniform(4, 6, (2, 3))
+    after = before + rng.normal(0.3, 0.1, (2, 3))  # 2 seeds x 3 merges
+    runs = []
+    for seed in range(2):
+        run = tmp_path / f"relora-lr0.001-seed{seed}"
+        run.mkdir()
+        lines = [{"step": 5, "loss": 7.0}]
+        lines += [{"step": 10 * (k + 1), "merge_loss_before": float(before[seed, k]),
+                   "merge_loss_after": float(after[seed, k])} for k in range(3)]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        runs.append({"lr": 1e-3, "seed": seed, "diverged": False, "run_dir": str(run)})
+    other = tmp_path / "relora-lr0.003-seed0"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text(json.dumps({"step": 10, "merge_loss_before": 1.0, "merge_loss_after": 9.0}))
+    runs.append({"lr": 3e-3, "seed": 0, "diverged": False, "run_dir": str(other)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps({"methods": {"relora": {"runs": runs, "chosen_lr": 1e-3}}}))
+    script = Path(__file__).parents[2] / "docs" / "results" / "study" / "merge_jumps.py"
+    runpy.run_path(str(script))["main"]([f"defect={tmp_path / 'out'}:relora"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    jumps = (np.exp(after) - np.exp(before)).ravel()
+    largest = jumps[np.argmax(np.abs(jumps))]
+    relative = (np.exp(after) / np.exp(before) - 1).mean()
+    assert last == f"| defect | 2 | 3 | {jumps.mean():+.3g} | {largest:+.3g} | {relative:+.2%} |"
