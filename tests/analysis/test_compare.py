@@ -337,7 +337,7 @@ def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys)
 
 
 def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):
-    """docs/results/study/merge_jumps.py: the jumps of the chosen LR's seed runs, from their merge records, against
+    """docs/results/study/table.py --merge-jumps: the jumps of the chosen LR's seed runs, from their merge records, against
     numpy on the same random losses; a grid run at another LR and records without merge fields are left out."""
     import runpy
 
@@ -359,8 +359,8 @@ def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):
     runs.append({"lr": 3e-3, "seed": 0, "diverged": False, "run_dir": str(other)})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.json").write_text(json.dumps({"methods": {"relora": {"runs": runs, "chosen_lr": 1e-3}}}))
-    script = Path(__file__).parents[2] / "docs" / "results" / "study" / "merge_jumps.py"
-    runpy.run_path(str(script))["main"]([f"defect={tmp_path / 'out'}:relora"])
+    script = Path(__file__).parents[2] / "docs" / "results" / "study" / "table.py"
+    runpy.run_path(str(script))["main"](["--merge-jumps", f"defect={tmp_path / 'out'}:relora"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     jumps = (np.exp(after) - np.exp(before)).ravel()
     largest = jumps[np.argmax(np.abs(jumps))]

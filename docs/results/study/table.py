@@ -1,12 +1,19 @@
 """One study table from several ``relora compare`` outputs (each variant of a setting is its own invocation).
 
-    PYTHONPATH=src python docs/results/study/table.py LABEL=OUT:METHOD [LABEL=OUT:METHOD ...]
+    PYTHONPATH=src python docs/results/study/table.py [--merge-jumps] LABEL=OUT:METHOD [LABEL=OUT:METHOD ...]
 
 Each argument names a row: the ``results.json`` under OUT and the method row in it. The first row is the
 reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's
 (the rule, * when p < 0.05) and the paired t-test's p over the seeds both rows ran, as ``relora compare``
 does within one invocation (relora.analysis.stats). The val ppl column is the same seeds' final validation
 perplexity (exp of ``val_loss``), reported beside the test ppl that the p-values judge. Prints a markdown table.
+
+With --merge-jumps it prints instead the val ppl jump at each merge of the same seed runs (``--eval-merges`` runs):
+every merge record of ``metrics.jsonl`` holds ``merge_loss_before`` and ``merge_loss_after``, the val loss on one
+fixed set of windows right before and right after that merge, and the jump is exp(after) - exp(before) (a correct
+merge's is float rounding). Per row: merges per run, the mean and the largest jump over all merges of all seeds,
+and the mean relative jump exp(after - before) - 1; a row without merge records (full-rank, or trained without
+``--eval-merges``) says so.
 """
 
 from __future__ import annotations
@@ -32,9 +39,41 @@ def row(arg: str) -> tuple[str, dict]:
     return label, results["methods"][method]
 
 
+def seed_runs(m: dict) -> list[dict]:
+    """The method's finished (not diverged) runs at its chosen LR, one per seed."""
+    return [r for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]]
+
+
 def val_ppls(m: dict) -> list[float]:
-    """Final val ppl of the method's finished (not diverged) runs at its chosen LR, one per seed."""
-    return [math.exp(r["val_loss"]) for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]]
+    return [math.exp(r["val_loss"]) for r in seed_runs(m)]
+
+
+def merge_ppl_jumps(run: str | Path) -> dict[int, tuple[float, float]]:
+    """{merge step: (val ppl after - val ppl before, relative jump)} of one run."""
+    jumps = {}
+    for line in Path(run, "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "merge_loss_before" in r:
+            before, after = r["merge_loss_before"], r["merge_loss_after"]
+            jumps[r["step"]] = (math.exp(after) - math.exp(before), math.expm1(after - before))
+    return jumps
+
+
+def print_merge_jumps(rows: list[tuple[str, dict]]) -> None:
+    print("| run | seeds | merges per run | mean jump (ppl) | largest jump (ppl) | mean relative jump |")
+    print("|---|---|---|---|---|---|")
+    for label, m in rows:
+        per_run = [merge_ppl_jumps(r["run_dir"]) for r in seed_runs(m)]
+        jumps = [j for run in per_run for j in run.values()]
+        if not jumps:
+            print(f"| {label} | {len(per_run)} | no merge records | | | |")
+            continue
+        absolute = [a for a, _ in jumps]
+        merges = "/".join(str(n) for n in sorted({len(run) for run in per_run}))
+        print(f"| {label} | {len(per_run)} | {merges} | {sum(absolute) / len(absolute):+.3g} | "
+              f"{max(absolute, key=abs):+.3g} | {sum(r for _, r in jumps) / len(jumps):+.2%} |")
 
 
 def mean_pm_std(values: list[float]) -> str:
@@ -45,9 +84,14 @@ def mean_pm_std(values: list[float]) -> str:
 
 
 def main(args: list[str]) -> None:
+    jumps = "--merge-jumps" in args
+    args = [a for a in args if a != "--merge-jumps"]
     if not args:
         raise SystemExit(__doc__)
     rows = [row(a) for a in args]
+    if jumps:
+        print_merge_jumps(rows)
+        return
     reference = rows[0][1]["test_ppls"]
     print(f"| run | chosen LR | seeds | val ppl | test ppl (mean ± std) | Welch p vs {rows[0][0]} | paired p |")
     print("|---|---|---|---|---|---|---|")
