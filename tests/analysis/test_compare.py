@@ -337,8 +337,9 @@ def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys)
 
 
 def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):
-    """docs/results/study/table.py --merge-jumps: the jumps of the chosen LR's seed runs, from their merge records, against
-    numpy on the same random losses; a grid run at another LR and records without merge fields are left out."""
+    """docs/results/study/table.py --merge-jumps: the jumps of the chosen LR's seed runs, from their merge records,
+    against numpy on the same random losses; a grid run at another LR and records without merge fields are left
+    out."""
     import runpy
 
     rng = np.random.default_rng(11)
@@ -358,7 +359,8 @@ def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):
     (other / "metrics.jsonl").write_text(json.dumps({"step": 10, "merge_loss_before": 1.0, "merge_loss_after": 9.0}))
     runs.append({"lr": 3e-3, "seed": 0, "diverged": False, "run_dir": str(other)})
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "results.json").write_text(json.dumps({"methods": {"relora": {"runs": runs, "chosen_lr": 1e-3}}}))
+    results = {"methods": {"relora": {"runs": runs, "chosen_lr": 1e-3}}}
+    (tmp_path / "out" / "results.json").write_text(json.dumps(results))
     script = Path(__file__).parents[2] / "docs" / "results" / "study" / "table.py"
     runpy.run_path(str(script))["main"](["--merge-jumps", f"defect={tmp_path / 'out'}:relora"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
