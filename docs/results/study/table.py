@@ -23,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-from relora.analysis.compare_tables import test_ppl_by_seed
+from relora.analysis.compare_tables import seed_runs, test_ppl_by_seed
 from relora.analysis.stats import SIGNIFICANCE_LEVEL, format_p, mean_std, paired_t_test, welch_t_test
 
 
@@ -37,11 +37,6 @@ def row(arg: str) -> tuple[str, dict]:
         raise SystemExit(f"table.py: error: {out}/results.json has no method {method!r}: "
                          f"{', '.join(results['methods'])}")
     return label, results["methods"][method]
-
-
-def seed_runs(m: dict) -> list[dict]:
-    """The method's finished (not diverged) runs at its chosen LR, one per seed."""
-    return [r for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]]
 
 
 def val_ppls(m: dict) -> list[float]:

@@ -23,9 +23,14 @@ SIGNIFICANCE_PAIRS = {"relora": ("full", "lora-ws", "full-ws-lr"), "lora-ws": ("
                       **{m: ("full", "full-split-lr") for m in ("galore", "apollo", "apollo-mini")}}
 
 
+def seed_runs(m: dict) -> list[dict]:
+    """A method's finished (not diverged) runs at its chosen LR, one per seed, as results.json lists them."""
+    return [r for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]]
+
+
 def test_ppl_by_seed(m: dict) -> dict[int, float]:
     """{seed: test ppl} of a method's finished runs at its chosen LR."""
-    return {r["seed"]: r["test_ppl"] for r in m["runs"] if r["lr"] == m["chosen_lr"] and not r["diverged"]}
+    return {r["seed"]: r["test_ppl"] for r in seed_runs(m)}
 
 
 def significance(name: str, methods: dict[str, dict], against: tuple[str, ...] | None = None
