@@ -122,7 +122,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from relora.analysis.compare import compare
     from relora.analysis.compare_procedure import Procedure
-    from relora.analysis.compare_sets import PAPER_SETS
+    from relora.analysis.compare_sets import PAPER_SETS, READ_ONLY_BY
     from relora.data import prepare_default_corpus
     from relora.run.resolve import resolve_config
 
@@ -134,10 +134,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           methods=getattr(args, "methods", None), clip_rule=getattr(args, "clip_rule", "published"),
                           widen_edges=getattr(args, "widen_edges", 0))
     procedure.validate()
-    # validates before any work; matrix_lr_scale is for the full-rank rows alone (resolve_run drops it for the
-    # others), so the set's default method is checked without it and each row with it
+    # validates before any work; the settings that only some methods read (READ_ONLY_BY) are checked per row by
+    # compare, which drops them from the others, so the base (the config's own method) is checked without them
     base = resolve_config(config_file=args.config,
-                          overrides={k: v for k, v in overrides.items() if k != "matrix_lr_scale"})
+                          overrides={k: v for k, v in overrides.items() if k not in READ_ONLY_BY})
     if base.data is None:
         overrides["data"] = str(prepare_default_corpus(base.cache_dir, base.vocab_size, progress=not args.no_progress))
     sets = list(PAPER_SETS) if args.set == "all" else [args.set]
