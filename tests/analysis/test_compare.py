@@ -368,3 +368,27 @@ def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):
     largest = jumps[np.argmax(np.abs(jumps))]
     relative = (np.exp(after) / np.exp(before) - 1).mean()
     assert last == f"| defect | 2 | 3 | {jumps.mean():+.3g} | {largest:+.3g} | {relative:+.2%} |"
+
+
+def test_study_dw_norms_from_analyze_spectra_match_the_matrices_norms(tmp_path, capsys):
+    """docs/results/study/dw_norms.py: ||dW||_F over all matrices and the largest singular value, from the
+    singular values ``relora analyze`` stores, against numpy's norms of the random matrices themselves."""
+    import runpy
+
+    rng = np.random.default_rng(5)
+    mats = {"a": {"q": [rng.normal(size=(6, 6)) for _ in range(2)], "down": [rng.normal(size=(6, 12)) * 3]},
+            "b": {"q": [rng.normal(size=(6, 6)) * 0.1]}}
+    spectra = {label: {"matrices": {kind: [{"name": f"{kind}{i}", "singular_values": np.linalg.svd(m, compute_uv=False)
+                                            .tolist()} for i, m in enumerate(ms)] for kind, ms in kinds.items()}}
+               for label, kinds in mats.items()}
+    (tmp_path / "an").mkdir()
+    (tmp_path / "an" / "spectra.json").write_text(json.dumps(spectra))
+    runpy.run_path(str(Path(__file__).parents[2] / "docs" / "results" / "study" / "dw_norms.py"))["main"](
+        [str(tmp_path / "an")])
+    lines = capsys.readouterr().out.strip().splitlines()[2:]
+    for line, (label, kinds) in zip(lines, mats.items(), strict=True):
+        every = [m for ms in kinds.values() for m in ms]
+        frobenius = math.sqrt(sum(np.linalg.norm(m, "fro") ** 2 for m in every))
+        top = max(np.linalg.norm(m, 2) for m in every)
+        kind = next(k for k, ms in kinds.items() if any(np.isclose(np.linalg.norm(m, 2), top) for m in ms))
+        assert line == f"| {label} | {frobenius:.1f} | {top:.1f} ({kind}) |"
