@@ -173,7 +173,6 @@ def test_reference_defects_flag_reaches_train_and_compare_configs():
     assert "STUDY ONLY" in build_parser()._subparsers._group_actions[0].choices["train"].format_help()
 
 
-
 def test_compare_checks_row_only_settings_per_row_not_against_the_configs_own_method(tmp_path, capsys):
     """A config whose method is full-rank, compared on adapter rows with --reference-defects (which full-rank
     refuses): compare must not fail on the config's own method; it gets past validation to the data check."""
@@ -187,6 +186,7 @@ def test_compare_checks_row_only_settings_per_row_not_against_the_configs_own_me
         assert rc != 0
         assert "does not exist" in err and "has none" not in err and "drop --matrix-lr-scale" not in err, err
         assert not (tmp_path / "cmp").exists()
+
 
 # ---------------------------------------------------------------- issue 19: each setting declared once
 def subparser(command: str):
