@@ -27,3 +27,44 @@ def test_val_ppl_axis_has_at_least_four_plain_labels(low, high, tmp_path, monkey
     assert len(labelled) >= 4, labelled
     for loc, text in labelled:  # plain numbers that say where the tick is
         assert float(text) == pytest.approx(loc, rel=1e-6)
+
+
+def _drawn(monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or out)
+    return figures
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 11, 13, 20, 21, 40])
+def test_run_colors_are_distinct_and_the_first_ten_are_matplotlibs_default_cycle(n):
+    from matplotlib import colors as mcolors
+    from matplotlib import rcParams
+
+    rgba = [mcolors.to_rgba(c) for c in plots.run_colors(n)]
+    assert len(rgba) == n and len(set(rgba)) == n
+    default = [mcolors.to_rgba(c) for c in rcParams["axes.prop_cycle"].by_key()["color"]]
+    if n <= len(default):
+        assert rgba == default[:n]
+
+
+def test_thirteen_runs_get_thirteen_colors_in_every_figure(tmp_path, monkeypatch):
+    """The default cycle has 10 colors: with more runs, two were drawn alike and the legend could not tell them apart."""
+    from matplotlib import colors as mcolors
+
+    from relora.analysis.spectra import UpdateSpectra
+
+    rng = np.random.default_rng(0)
+    figures = _drawn(monkeypatch)
+    runs = [Curves(f"run{i}", steps=list(range(1, 21)), loss=list(rng.uniform(3, 5, 20)), val_steps=[10, 20],
+                   val_ppl=[float(v) for v in rng.uniform(30, 60, 2)]) for i in range(13)]
+    plots.plot_curves(runs, tmp_path / "loss.png")
+    spectra = {f"run{i}": UpdateSpectra(values={"q": [rng.uniform(0, 3, 8)]}, names={"q": ["l0.q"]}) for i in range(13)}
+    plots.plot_spectra(spectra, tmp_path / "spectra.png")
+    plots.plot_below_threshold(spectra, tmp_path / "below.png", threshold=1.0)
+    loss_lines = figures[0].axes[0].get_lines()
+    line_colors = {mcolors.to_rgba(line.get_color()) for line in loss_lines if line.get_label().startswith("run")}
+    assert len(line_colors) == 13
+    hist_colors = {mcolors.to_rgba(p.get_edgecolor()) for p in figures[1].axes[0].patches}
+    assert len(hist_colors) == 13
+    bar_colors = {mcolors.to_rgba(p.get_facecolor()) for p in figures[2].axes[0].patches}
+    assert len(bar_colors) == 13

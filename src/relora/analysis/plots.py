@@ -43,6 +43,21 @@ def _pyplot():
     return plt
 
 
+def run_colors(n: int) -> list:
+    """One distinct color per run: matplotlib's default cycle up to its 10, then tab20, then a sampled colormap.
+
+    The default cycle repeats after 10, so a comparison of more runs (a study's 13 seed-0 runs) would draw two
+    runs alike and make the legend ambiguous; the first 10 stay the default colors, so small figures are unchanged.
+    """
+    plt = _pyplot()
+    default = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if n <= len(default):
+        return list(default[:n])
+    if n <= 20:
+        return list(plt.get_cmap("tab20").colors[:n])
+    return [plt.get_cmap("turbo")(i / (n - 1)) for i in range(n)]
+
+
 def _save(fig, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,9 +69,7 @@ def plot_curves(runs: list[Curves], out: Path, *, title: str | None = None) -> P
     """Training loss and validation perplexity of several runs against step; restarts dotted."""
     plt = _pyplot()
     fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=CURVES_SIZE, layout="constrained")
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, run in enumerate(runs):
-        color = colors[i % len(colors)]
+    for run, color in zip(runs, run_colors(len(runs)), strict=True):
         ax_loss.plot(run.steps, run.loss, color=color, label=run.label, linewidth=1.2)
         if run.val_steps:
             ax_ppl.plot(run.val_steps, run.val_ppl, color=color, marker="o", markersize=3, label=run.label)
@@ -129,11 +142,12 @@ def plot_spectra(spectra: Mapping[str, UpdateSpectra], out: Path, *, title: str 
     fig, axes = plt.subplots(rows, cols, figsize=size, layout="constrained", squeeze=False)
     top = max((float(np.max(v)) for s in spectra.values() for vs in s.values.values() for v in vs), default=1.0)
     bins = np.linspace(0.0, top * 1.001 or 1.0, 41)
+    colors = dict(zip(spectra, run_colors(len(spectra)), strict=True))
     for ax, kind in zip(axes.flat, types, strict=False):
         for label, s in spectra.items():
             if kind in s.values:
                 pooled = np.concatenate(s.values[kind])
-                ax.hist(pooled, bins=bins, histtype="step", linewidth=1.3, label=label)
+                ax.hist(pooled, bins=bins, histtype="step", linewidth=1.3, label=label, color=colors[label])
         ax.set(title=kind, xlabel="singular value of dW", ylabel="count", yscale="log")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(types):]:
@@ -156,9 +170,9 @@ def plot_below_threshold(
     fig, ax = plt.subplots(figsize=BELOW_SIZE, layout="constrained")
     width = 0.8 / max(1, len(spectra))
     x = np.arange(len(types))
-    for i, (label, s) in enumerate(spectra.items()):
+    for i, ((label, s), color) in enumerate(zip(spectra.items(), run_colors(len(spectra)), strict=True)):
         below = s.below(threshold)
-        ax.bar(x + i * width - 0.4 + width / 2, [below.get(t, 0.0) for t in types], width, label=label)
+        ax.bar(x + i * width - 0.4 + width / 2, [below.get(t, 0.0) for t in types], width, label=label, color=color)
     ax.set_xticks(x, types)
     ax.set(ylabel=f"singular values < {threshold:g} (mean over layers)", title=f"count of singular values of dW < {threshold:g}")
     ax.grid(axis="y", alpha=0.3)
