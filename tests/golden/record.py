@@ -3,7 +3,8 @@
     python tests/golden/record.py      # rewrites tests/golden/metrics.json
 
 The golden file is the proof of "no behaviour change" for refactors (issue 19): the same short runs after the
-change must give the same records bit for bit on CPU (timing and memory fields aside). Only re-record when a
+change must give the same records on CPU (timing and memory fields aside; floats to float32 rounding,
+which differs between CPUs with and without AVX-512). Only re-record when a
 change of behaviour is intended, and say so in the commit.
 """
 
