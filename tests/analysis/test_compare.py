@@ -336,6 +336,44 @@ def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys)
     assert last == f"| variant | 0.001 | 3 | {val_ppl} | {ppl} | {welch:.3f}{star} | {paired:.3f} |"
 
 
+def test_study_table_joins_the_seeds_of_several_outputs_into_one_row(tmp_path, capsys):
+    """table.py's OUT1+OUT2: the row is both outputs' seed runs at their one chosen LR (a grid run at another LR
+    left out), its p-values over all of them; outputs that chose different LRs, or share a seed, are refused."""
+    import runpy
+
+    rng = np.random.default_rng(3)
+    ref, variant = rng.normal(40, 1, 3), rng.normal(37, 1, 3)
+
+    def write(name: str, method_ppls: dict[str, dict[int, float]], lr: float = 1e-2) -> Path:
+        methods = {}
+        for method, by_seed in method_ppls.items():
+            runs = [{"lr": lr, "seed": k, "diverged": False, "test_ppl": v, "val_loss": 3.5} for k, v in by_seed.items()]
+            runs.append({"lr": lr / 5, "seed": min(by_seed), "diverged": False, "test_ppl": 1e4, "val_loss": 9.0})
+            methods[method] = {"runs": runs, "chosen_lr": lr, "chosen_lr_at_edge": False, "n_seeds": len(by_seed),
+                               "test_ppls": list(by_seed.values())}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"methods": methods}))
+        return tmp_path / name
+
+    a = write("a", {"keep": {0: ref[0], 1: ref[1]}, "reset": {0: variant[0], 1: variant[1]}})
+    b = write("b", {"keep": {2: ref[2]}, "reset": {2: variant[2]}})
+    main = runpy.run_path(str(Path(__file__).parents[2] / "docs" / "results" / "study" / "table.py"))["main"]
+    main([f"keep={a}+{b}:keep", f"reset={a}+{b}:reset"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    d = variant - ref
+    paired = t_tail_by_integration(d.mean() / (d.std(ddof=1) / math.sqrt(3)), 2)
+    welch = welch_p(variant, ref)
+    star = " *" if welch < 0.05 else ""
+    assert lines[-1] == (f"| reset | 0.01 | 3 | 33.12 ± 0.00 | {variant.mean():.2f} ± {variant.std(ddof=1):.2f} | "
+                         f"{welch:.3f}{star} | {paired:.3f} |")
+    assert lines[-2].startswith(f"| keep | 0.01 | 3 | 33.12 ± 0.00 | {ref.mean():.2f} ± {ref.std(ddof=1):.2f} |")
+    other_lr = write("c", {"keep": {3: 41.0}}, lr=2e-3)
+    with pytest.raises(SystemExit, match="chose different LRs"):
+        main([f"keep={a}+{other_lr}:keep"])
+    with pytest.raises(SystemExit, match="share a seed"):
+        main([f"keep={a}+{a}:keep"])
+
+
 def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):
     """docs/results/study/table.py --merge-jumps: the jumps of the chosen LR's seed runs, from their merge records,
     against numpy on the same random losses; a grid run at another LR and records without merge fields are left

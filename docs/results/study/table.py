@@ -2,7 +2,10 @@
 
     PYTHONPATH=src python docs/results/study/table.py [--merge-jumps] LABEL=OUT:METHOD [LABEL=OUT:METHOD ...]
 
-Each argument names a row: the ``results.json`` under OUT and the method row in it. The first row is the
+Each argument names a row: the ``results.json`` under OUT and the method row in it. OUT may join several outputs
+with ``+`` (``OUT1+OUT2``): the row is then the seed runs of all of them at one chosen LR, e.g. seeds 0-1 of one
+invocation and seed 2 of another that was run later with ``seed: 2`` in its ``--config`` (a run's seed is the
+config's ``seed`` plus its index, so that run is the one ``--seeds 3`` would have trained). The first row is the
 reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's
 (the rule, * when p < 0.05) and the paired t-test's p over the seeds both rows ran, as ``relora compare``
 does within one invocation (relora.analysis.stats). The val ppl column is the same seeds' final validation
@@ -29,14 +32,33 @@ from relora.analysis.stats import SIGNIFICANCE_LEVEL, format_p, mean_std, paired
 
 def row(arg: str) -> tuple[str, dict]:
     label, _, where = arg.partition("=")
-    out, _, method = where.rpartition(":")
-    if not (label and out and method):
+    outs, _, method = where.rpartition(":")
+    if not (label and outs and method):
         raise SystemExit(f"table.py: error: {arg!r} is not LABEL=OUT:METHOD")
-    results = json.loads((Path(out) / "results.json").read_text())
-    if method not in results["methods"]:
-        raise SystemExit(f"table.py: error: {out}/results.json has no method {method!r}: "
-                         f"{', '.join(results['methods'])}")
-    return label, results["methods"][method]
+    parts = []
+    for out in outs.split("+"):
+        results = json.loads((Path(out) / "results.json").read_text())
+        if method not in results["methods"]:
+            raise SystemExit(f"table.py: error: {out}/results.json has no method {method!r}: "
+                             f"{', '.join(results['methods'])}")
+        parts.append(results["methods"][method])
+    return label, parts[0] if len(parts) == 1 else joined(label, parts)
+
+
+def joined(label: str, parts: list[dict]) -> dict:
+    """One row from several outputs' entries of a method: their seed runs at the one LR they all chose."""
+    chosen = {m["chosen_lr"] for m in parts}
+    if len(chosen) != 1:
+        raise SystemExit(f"table.py: error: {label}: the joined outputs chose different LRs "
+                         f"({', '.join(f'{lr:g}' for lr in sorted(chosen))}); join only runs at one LR")
+    runs = [r for m in parts for r in seed_runs(m)]
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"table.py: error: {label}: the joined outputs share a seed ({sorted(seeds)}); "
+                         "join outputs of different seeds")
+    return {"runs": runs, "chosen_lr": chosen.pop(), "chosen_lr_at_edge": any(m.get("chosen_lr_at_edge")
+                                                                            for m in parts),
+            "n_seeds": len(runs), "test_ppls": [r["test_ppl"] for r in runs]}
 
 
 def val_ppls(m: dict) -> list[float]:
