@@ -80,7 +80,7 @@ class TrainConfig:
     prune_ratio: float = adapter_setting(0.99, "fraction of the adapters' Adam moments zeroed at each restart")
     restart_adam_step: str = adapter_setting("keep", "Adam's step counter of the pruned adapters at a restart: keep "
                                      "(default, as the paper) or reset (bias correction starts afresh for the fresh "
-                                     "moments)")
+                                     "moments; lets ReLoRA train at LoRA's higher LR, see docs/method.md)")
     # STUDY ONLY, never on by default: relora.core.config.REFERENCE_DEFECTS, docs/method.md
     reference_defects: list[str] = adapter_setting(
         help="FOR STUDY ONLY, off by default: reproduce defects of the reference / relora-pico code, "
