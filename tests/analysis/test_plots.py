@@ -15,8 +15,7 @@ def test_val_ppl_axis_has_at_least_four_plain_labels(low, high, tmp_path, monkey
     val_ppl[0], val_ppl[-1] = high, low
     run = Curves("r", steps=list(range(1, 41)), loss=list(np.linspace(6, 4, 40)), val_steps=list(range(5, 41, 5)),
                  val_ppl=[float(v) for v in val_ppl])
-    figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or fig.canvas.draw() or out)
+    figures = _drawn(monkeypatch, render=True)
     plots.plot_curves([run], tmp_path / "loss.png")
     ax = figures[0].axes[1]
     assert ax.get_yscale() == "log" and ax.get_ylabel() == "validation perplexity"
@@ -29,9 +28,10 @@ def test_val_ppl_axis_has_at_least_four_plain_labels(low, high, tmp_path, monkey
         assert float(text) == pytest.approx(loc, rel=1e-6)
 
 
-def _drawn(monkeypatch):
+def _drawn(monkeypatch, *, render: bool = False) -> list:
+    """The figures the plot functions make, kept instead of saved (rendered first when tick labels are read)."""
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or out)
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figures.append(fig) or (render and fig.canvas.draw()) or out)
     return figures
 
 
