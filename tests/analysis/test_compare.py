@@ -338,7 +338,8 @@ def test_study_table_joins_invocations_with_welch_and_paired_p(tmp_path, capsys)
 
 def test_study_table_joins_the_seeds_of_several_outputs_into_one_row(tmp_path, capsys):
     """table.py's OUT1+OUT2: the row is both outputs' seed runs at their one chosen LR (a grid run at another LR
-    left out), its p-values over all of them; outputs that chose different LRs, or share a seed, are refused."""
+    left out), its p-values over all of them; outputs that chose different LRs, or share a seed, are refused.
+    OUT@SEEDS keeps some seeds of an output; a seed it does not have is refused."""
     import runpy
 
     rng = np.random.default_rng(3)
@@ -372,6 +373,17 @@ def test_study_table_joins_the_seeds_of_several_outputs_into_one_row(tmp_path, c
         main([f"keep={a}+{other_lr}:keep"])
     with pytest.raises(SystemExit, match="share a seed"):
         main([f"keep={a}+{a}:keep"])
+    # OUT@SEEDS keeps only those seeds of one output: seed 1 of `a` replaced by seed 1 of `again`
+    again = write("again", {"keep": {1: 45.0}})
+    main([f"keep={a}@0+{again}+{b}:keep", f"one={a}@1:keep"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    kept = np.array([ref[0], 45.0, ref[2]])
+    assert lines[-2].startswith(f"| keep | 0.01 | 3 | 33.12 ± 0.00 | {kept.mean():.2f} ± {kept.std(ddof=1):.2f} |")
+    assert lines[-1].startswith(f"| one | 0.01 | 1 | 33.12 | {ref[1]:.2f} |")
+    with pytest.raises(SystemExit, match=r"no finished run at the chosen LR for seed\(s\) \[5\]"):
+        main([f"keep={a}@0,5:keep"])
+    with pytest.raises(SystemExit, match="comma-separated list of seeds"):
+        main([f"keep={a}@x:keep"])
 
 
 def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):

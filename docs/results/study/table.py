@@ -1,11 +1,13 @@
 """One study table from several ``relora compare`` outputs (each variant of a setting is its own invocation).
 
-    PYTHONPATH=src python docs/results/study/table.py [--merge-jumps] LABEL=OUT:METHOD [LABEL=OUT:METHOD ...]
+    PYTHONPATH=src python docs/results/study/table.py [--merge-jumps] LABEL=OUT[@SEEDS]:METHOD [LABEL=OUT:METHOD ...]
 
 Each argument names a row: the ``results.json`` under OUT and the method row in it. OUT may join several outputs
 with ``+`` (``OUT1+OUT2``): the row is then the seed runs of all of them at one chosen LR, e.g. seeds 0-1 of one
 invocation and seed 2 of another that was run later with ``seed: 2`` in its ``--config`` (a run's seed is the
-config's ``seed`` plus its index, so that run is the one ``--seeds 3`` would have trained). The first row is the
+config's ``seed`` plus its index, so that run is the one ``--seeds 3`` would have trained). An output may keep
+only some of its seeds with ``@SEEDS`` (``OUT@0`` or ``OUT@0,1``), e.g. when one seed was run again on another
+corpus and the row must pair each seed with runs on its own corpus. The first row is the
 reference: every other row gets Welch's two-sided p of its seeds' test perplexities against the reference's
 (the rule, * when p < 0.05) and the paired t-test's p over the seeds both rows ran, as ``relora compare``
 does within one invocation (relora.analysis.stats). The val ppl column is the same seeds' final validation
@@ -35,14 +37,35 @@ def row(arg: str) -> tuple[str, dict]:
     outs, _, method = where.rpartition(":")
     if not (label and outs and method):
         raise SystemExit(f"table.py: error: {arg!r} is not LABEL=OUT:METHOD")
-    parts = []
+    parts, selected = [], False
     for out in outs.split("+"):
+        out, seeds = split_seeds(out)
         results = json.loads((Path(out) / "results.json").read_text())
         if method not in results["methods"]:
             raise SystemExit(f"table.py: error: {out}/results.json has no method {method!r}: "
                              f"{', '.join(results['methods'])}")
-        parts.append(results["methods"][method])
-    return label, parts[0] if len(parts) == 1 else joined(label, parts)
+        m = results["methods"][method]
+        if seeds is not None:
+            selected = True
+            kept = [r for r in seed_runs(m) if r["seed"] in seeds]
+            if {r["seed"] for r in kept} != seeds:
+                raise SystemExit(f"table.py: error: {out}: no finished run at the chosen LR for seed(s) "
+                                 f"{sorted(seeds - {r['seed'] for r in kept})}; it has "
+                                 f"{sorted(r['seed'] for r in seed_runs(m))}")
+            m = {**m, "runs": kept}
+        parts.append(m)
+    return label, parts[0] if len(parts) == 1 and not selected else joined(label, parts)
+
+
+def split_seeds(out: str) -> tuple[str, set[int] | None]:
+    """``OUT@0,1`` -> (OUT, {0, 1}); ``OUT`` -> (OUT, None)."""
+    path, at, seeds = out.rpartition("@")
+    if not at:
+        return out, None
+    try:
+        return path, {int(s) for s in seeds.split(",")}
+    except ValueError:
+        raise SystemExit(f"table.py: error: {out!r}: after @ comes a comma-separated list of seeds, e.g. @0,1") from None
 
 
 def joined(label: str, parts: list[dict]) -> dict:
