@@ -384,6 +384,8 @@ def test_study_table_joins_the_seeds_of_several_outputs_into_one_row(tmp_path, c
         main([f"keep={a}@0,5:keep"])
     with pytest.raises(SystemExit, match="comma-separated list of seeds"):
         main([f"keep={a}@x:keep"])
+    with pytest.raises(SystemExit, match="results.json not found"):
+        main([f"keep={tmp_path / 'missing'}:keep"])
 
 
 def test_study_merge_jumps_reads_each_seed_runs_merge_records(tmp_path, capsys):

@@ -40,6 +40,9 @@ def row(arg: str) -> tuple[str, dict]:
     parts, selected = [], False
     for out in outs.split("+"):
         out, seeds = split_seeds(out)
+        if not (Path(out) / "results.json").is_file():
+            raise SystemExit(f"table.py: error: {out}/results.json not found: OUT is a `relora compare --out` "
+                             "directory that has finished")
         results = json.loads((Path(out) / "results.json").read_text())
         if method not in results["methods"]:
             raise SystemExit(f"table.py: error: {out}/results.json has no method {method!r}: "
