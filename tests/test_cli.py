@@ -158,7 +158,9 @@ def test_restart_adam_step_flag_reaches_the_controller_config():
 
     args = build_parser().parse_args(["train", "--restart-adam-step", "reset"])
     assert resolve_config(overrides=train_overrides(args)).relora_config().restart_adam_step == "reset"
-    assert resolve_config().relora_config().restart_adam_step == "keep"
+    assert resolve_config().relora_config().restart_adam_step == "reset"
+    args = build_parser().parse_args(["train", "--restart-adam-step", "keep"])
+    assert resolve_config(overrides=train_overrides(args)).relora_config().restart_adam_step == "keep"
 
 
 def test_reference_defects_flag_reaches_train_and_compare_configs():

@@ -133,10 +133,10 @@ def test_full_rank_rows_ignore_adapter_settings_so_one_run_serves_every_study_ta
     from relora.run.config import ADAPTER_ONLY
 
     specs = {s.name: s for s in MAIN_SET}
-    varied = {"rank": 16, "alpha": 8.0, "restart_adam_step": "reset", "prune_ratio": 0.9, "dropout": 0.1,
+    varied = {"rank": 16, "alpha": 8.0, "restart_adam_step": "keep", "prune_ratio": 0.9, "dropout": 0.1,
               "restart_warmup_steps": 5, "eval_merges": True, "proj_rank": 64}  # proj_rank: the baselines set's
     config_file = tmp_path / "study.yaml"
-    config_file.write_text("restart_adam_step: reset\nprune_ratio: 0.5\n")
+    config_file.write_text("restart_adam_step: keep\nprune_ratio: 0.5\n")
     plain = resolve_run(specs["full"], tmp_path, preset="tiny", config_file=None, overrides={}, lr=1e-3)
     plain_ws = resolve_run(specs["full-ws-lr"], tmp_path, preset="tiny", config_file=None, overrides={}, lr=3e-3)
     for overrides, file in ((varied, None), ({}, str(config_file)), (varied, str(config_file))):

@@ -116,3 +116,24 @@ def test_resume_merges_flags_over_the_saved_config(tmp_path):
         resume_config(overrides={"out": str(tmp_path)}, peak_lr=5e-3)
     with pytest.raises(ConfigError, match="no run to resume"):
         resume_config(overrides={"out": str(tmp_path / "none")})
+
+
+def test_a_full_rank_run_is_compatible_with_any_value_of_a_setting_it_never_reads():
+    """incompatible_changes skips what the saved run's method never reads (unread_settings), so that a full-rank
+    run saved under an older adapter default is still reused; an adapter run still refuses the same change."""
+    from relora.run.config import ADAPTER_ONLY, PROJECTION_ONLY, incompatible_changes, unread_settings
+
+    base = TrainConfig().to_dict()
+    for method, reads in (("full", ()), ("full-ws-lr", ("relora_lr",))):
+        saved = {**base, "method": method}
+        assert set(unread_settings(method)) == set(ADAPTER_ONLY + PROJECTION_ONLY) - set(reads)
+        flipped = {"restart_adam_step": "keep" if base["restart_adam_step"] == "reset" else "reset",
+                   "rank": 2 * base["rank"], "proj_rank": 7}
+        assert incompatible_changes(saved, {**saved, **flipped}) == []
+        assert incompatible_changes(saved, {**saved, **flipped, "lr": 2 * base["lr"]}) == ["lr"]
+        if reads:
+            assert incompatible_changes(saved, {**saved, "relora_lr": 3 * base["lr"]}) == ["relora_lr"]
+    saved = {**base, "method": "relora"}
+    assert unread_settings("relora") == ()
+    changed = incompatible_changes(saved, {**saved, "restart_adam_step": "keep", "rank": 2 * base["rank"]})
+    assert set(changed) == {"rank", "restart_adam_step"}

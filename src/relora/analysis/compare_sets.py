@@ -18,12 +18,11 @@ from typing import Any
 
 from relora.run.config import (
     ADAPTER_METHODS,
-    ADAPTER_ONLY,
     FULL_RANK_METHODS,
     PROJECTION_METHODS,
-    PROJECTION_ONLY,
     TWO_PHASE_LR_METHODS,
     TrainConfig,
+    unread_settings,
 )
 from relora.run.resolve import resolve_config
 
@@ -148,8 +147,7 @@ def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_fil
     if values.get("method") in ("full", "full-ws-lr"):  # full-rank training reads no adapter or projection setting
         # (full-ws-lr only relora_lr, the LR of its second phase): the others are pinned to the preset's, so that
         # one run serves every table, the baselines' --rank / --proj-rank included
-        pinned = [k for k in (*ADAPTER_ONLY, *PROJECTION_ONLY)
-                  if not (k == "relora_lr" and values["method"] == "full-ws-lr")]
+        pinned = unread_settings(values["method"])
         plain = resolve_config(preset=preset, overrides={k: v for k, v in values.items() if k not in pinned})
         values.update({k: getattr(plain, k) for k in pinned})
     if clip_rule == "published" and spec.settings["method"] in PUBLISHED_GRAD_CLIP:

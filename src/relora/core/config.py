@@ -37,10 +37,11 @@ class ReLoRAConfig:
     restart_warmup_steps: int = 100
     prune: str = "magnitude"
     prune_ratio: float = 0.99
-    # Adam's step counter of the pruned tensors at a restart (spec section 4): "keep" (the paper and the
-    # reference code) or "reset", so that bias correction starts afresh for the fresh moments. Under "keep",
+    # Adam's step counter of the pruned tensors at a restart (spec section 4): "reset" (default), so that bias
+    # correction starts afresh for the fresh moments, or "keep" (the paper and the reference code). Under "keep",
     # a pruned entry's update is ~3.2x lr one step after a restart at beta2 = 0.999, 6.5x after 10 steps.
-    restart_adam_step: str = "keep"
+    # The default is "reset" since the study's Table 3b (docs/method.md): ahead of "keep" beyond the noise.
+    restart_adam_step: str = "reset"
     warm_start_steps: int = 0
     # Seed for adapter initialisation and random pruning masks; identical on
     # every data-parallel rank so that all ranks draw the same values.

@@ -78,9 +78,9 @@ class TrainConfig:
                                 "memory)")
     prune: str = adapter_setting("magnitude", "optimizer reset: magnitude (default), random, full, none, independent")
     prune_ratio: float = adapter_setting(0.99, "fraction of the adapters' Adam moments zeroed at each restart")
-    restart_adam_step: str = adapter_setting("keep", "Adam's step counter of the pruned adapters at a restart: keep "
-                                     "(default, as the paper) or reset (bias correction starts afresh for the fresh "
-                                     "moments; lets ReLoRA train at LoRA's higher LR, see docs/method.md)")
+    restart_adam_step: str = adapter_setting("reset", "Adam's step counter of the pruned adapters at a restart: reset "
+                                     "(default: bias correction starts afresh for the fresh moments; lets ReLoRA "
+                                     "train at LoRA's higher LR) or keep (as the paper); see docs/method.md")
     # STUDY ONLY, never on by default: relora.core.config.REFERENCE_DEFECTS, docs/method.md
     reference_defects: list[str] = adapter_setting(
         help="FOR STUDY ONLY, off by default: reproduce defects of the reference / relora-pico code, "
@@ -385,11 +385,22 @@ ADAPTER_ONLY = tuple(f.name for f in fields(TrainConfig) if f.metadata["adapters
 PROJECTION_ONLY = ("proj_lr", "proj_rank", "update_proj_gap", "proj_scale")  # read by galore / apollo alone
 
 
+def unread_settings(method: str) -> tuple[str, ...]:
+    """The settings a full-rank run never reads: every adapter and projection setting (full-ws-lr reads relora_lr,
+    the LR of its second phase). Empty for the other methods."""
+    if method not in ("full", "full-ws-lr"):
+        return ()
+    return tuple(k for k in (*ADAPTER_ONLY, *PROJECTION_ONLY) if not (k == "relora_lr" and method == "full-ws-lr"))
+
+
 def incompatible_changes(saved: dict, current: dict) -> list[str]:
-    """Fields that differ between a saved run config and a resume's config."""
+    """Fields that differ between a saved run config and a resume's config. A setting the saved run's method
+    never reads (``unread_settings``) is not one: its checkpoints mean the same under any value of it, e.g. a
+    full-rank run saved before a changed adapter default."""
     defaults = TrainConfig().to_dict()  # a key missing from an older run's config had its default
-    return [k for k in RESUME_INCOMPATIBLE
-            if (not _same_data(saved, current) if k == "data" else saved.get(k, defaults[k]) != current.get(k))]
+    unread = unread_settings(saved.get("method", defaults["method"]))
+    return [k for k in RESUME_INCOMPATIBLE if k not in unread
+            and (not _same_data(saved, current) if k == "data" else saved.get(k, defaults[k]) != current.get(k))]
 
 
 def _same_data(saved: dict, current: dict) -> bool:
