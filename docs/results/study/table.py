@@ -68,7 +68,8 @@ def split_seeds(out: str) -> tuple[str, set[int] | None]:
     try:
         return path, {int(s) for s in seeds.split(",")}
     except ValueError:
-        raise SystemExit(f"table.py: error: {out!r}: after @ comes a comma-separated list of seeds, e.g. @0,1") from None
+        raise SystemExit(f"table.py: error: {out!r}: after @ comes a comma-separated list of seeds, "
+                         "e.g. @0,1") from None
 
 
 def joined(label: str, parts: list[dict]) -> dict:
