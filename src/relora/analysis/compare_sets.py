@@ -144,10 +144,10 @@ def resolve_run(spec: RunSpec, runs_dir: Path, *, preset: str | None, config_fil
     for key, readers in READ_ONLY_BY.items():  # a run of another method is the same run without it, and reused
         if values.get("method") not in readers:
             values.pop(key, None)
-    if values.get("method") in ("full", "full-ws-lr"):  # full-rank training reads no adapter or projection setting
-        # (full-ws-lr only relora_lr, the LR of its second phase): the others are pinned to the preset's, so that
-        # one run serves every table, the baselines' --rank / --proj-rank included
-        pinned = unread_settings(values["method"])
+    pinned = unread_settings(values.get("method"))
+    if pinned:  # full-rank training reads no adapter or projection setting (full-ws-lr only relora_lr, the LR of its
+        # second phase): the others are pinned to the preset's, so that one run serves every table, the baselines'
+        # --rank / --proj-rank included
         plain = resolve_config(preset=preset, overrides={k: v for k, v in values.items() if k not in pinned})
         values.update({k: getattr(plain, k) for k in pinned})
     if clip_rule == "published" and spec.settings["method"] in PUBLISHED_GRAD_CLIP:

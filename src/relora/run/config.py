@@ -385,7 +385,7 @@ ADAPTER_ONLY = tuple(f.name for f in fields(TrainConfig) if f.metadata["adapters
 PROJECTION_ONLY = ("proj_lr", "proj_rank", "update_proj_gap", "proj_scale")  # read by galore / apollo alone
 
 
-def unread_settings(method: str) -> tuple[str, ...]:
+def unread_settings(method: str | None) -> tuple[str, ...]:
     """The settings a full-rank run never reads: every adapter and projection setting (full-ws-lr reads relora_lr,
     the LR of its second phase). Empty for the other methods."""
     if method not in ("full", "full-ws-lr"):
